@@ -1,0 +1,198 @@
+"""Where MoE models differ, described as data.
+
+Each supported ``model_type`` has one :class:`MoEArchitecture` entry in a registry. Everything else in the
+package (tracing, masking, attribution) reads these entries and contains no per-model branches.
+
+Register a further architecture (for example a ``trust_remote_code`` model) in a few lines::
+
+    from moe_interp import MoEArchitecture, register_architecture
+
+    register_architecture(MoEArchitecture(
+        model_type="my_moe",          # config.model_type of the model
+        layers="model.layers",        # the decoder-layer ModuleList, from the top-level model
+        block="mlp",                  # the MoE block inside a decoder layer
+        router="gate",                # the router inside the block: returns (logits, weights, indices)
+        experts="experts",            # fused experts: forward(hidden [T, d], indices [T, k], weights [T, k])
+        scoring="softmax",            # how probabilities over all experts come from the logits
+    ))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from moe_interp.errors import UnsupportedModelError
+
+Scoring = Literal["softmax", "sigmoid"]
+
+
+@dataclass(frozen=True)
+class MoEArchitecture:
+    """Declarative description of one MoE architecture.
+
+    Paths are dotted attribute paths. ``layers`` starts at the top-level model (the ``*ForCausalLM``); the
+    other paths start at a decoder layer (``block``, ``attention``) or at the MoE block (``router``,
+    ``experts``, ``shared_expert``, ``shared_expert_gate``). A decoder layer whose ``block.router`` does not
+    exist is dense and keeps its number: MoE layers are found by structure, not by config arithmetic.
+
+    Attributes:
+        router_output: names of the router's return values in order; ``"logits"`` is required, and
+            ``"weights"`` / ``"indices"`` when the router returns the weights applied and experts chosen.
+        scoring: how probabilities over all experts are computed from the logits (recorded as
+            ``router_probs``).
+        shared_expert_gate: a ``Linear -> 1`` whose sigmoid scales the shared expert's output.
+    """
+
+    model_type: str
+    layers: str = "model.layers"
+    block: str = "mlp"
+    router: str = "gate"
+    experts: str = "experts"
+    attention: str = "self_attn"
+    scoring: Scoring = "softmax"
+    router_output: tuple[str, ...] = ("logits", "weights", "indices")
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
+    top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "top_k", "moe_top_k")
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities over all experts, float32. ``logits``: [..., E] -> [..., E]."""
+        logits = logits.float()
+        if self.scoring == "softmax":
+            return torch.softmax(logits, dim=-1)
+        if self.scoring == "sigmoid":
+            return torch.sigmoid(logits)
+        raise UnsupportedModelError(f"{self.model_type}: unknown scoring {self.scoring!r}")
+
+    def num_experts(self, config) -> int:
+        return int(_first_attr(config, self.num_experts_keys, self.model_type, "expert count"))
+
+    def top_k(self, config) -> int:
+        return int(_first_attr(config, self.top_k_keys, self.model_type, "top-k"))
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        """The MoE layers of ``model`` in order, each with its modules resolved."""
+        layers = get_path(model, self.layers, self.model_type)
+        found = []
+        for number, layer in enumerate(layers):
+            block = get_path(layer, self.block, self.model_type, missing_ok=True)
+            router = get_path(block, self.router, self.model_type, missing_ok=True) if block is not None else None
+            if router is None:
+                continue
+            found.append(
+                MoELayer(
+                    number=number,
+                    block=block,
+                    router=router,
+                    experts=get_path(block, self.experts, self.model_type),
+                    attention=get_path(layer, self.attention, self.model_type, missing_ok=True),
+                    shared_expert=_optional(block, self.shared_expert, self.model_type),
+                    shared_expert_gate=_optional(block, self.shared_expert_gate, self.model_type),
+                )
+            )
+        if not found:
+            raise UnsupportedModelError(
+                f"model of type {self.model_type!r} has no MoE layer at {self.layers}[i].{self.block}.{self.router}"
+            )
+        return found
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
+        """(decoder-layer number, attention module) for every decoder layer that has one."""
+        out = []
+        for number, layer in enumerate(get_path(model, self.layers, self.model_type)):
+            attn = get_path(layer, self.attention, self.model_type, missing_ok=True)
+            if attn is not None:
+                out.append((number, attn))
+        return out
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """The resolved modules of one MoE layer; ``number`` is the model's own decoder-layer index."""
+
+    number: int
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    attention: nn.Module | None
+    shared_expert: nn.Module | None
+    shared_expert_gate: nn.Module | None
+
+
+_REGISTRY: dict[str, MoEArchitecture] = {}
+
+
+def register_architecture(arch: MoEArchitecture, *, overwrite: bool = False) -> MoEArchitecture:
+    """Add ``arch`` to the registry, keyed by its ``model_type``; returns it."""
+    if arch.model_type in _REGISTRY and not overwrite:
+        raise ValueError(f"architecture {arch.model_type!r} is already registered; pass overwrite=True")
+    if "logits" not in arch.router_output:
+        raise ValueError(f"{arch.model_type}: router_output must name 'logits', got {arch.router_output}")
+    _REGISTRY[arch.model_type] = arch
+    return arch
+
+
+def supported_architectures() -> list[str]:
+    """The registered model types, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_architecture(model_or_config) -> MoEArchitecture:
+    """The registered description for a model (or its config); a clear error if there is none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise UnsupportedModelError(
+            f"{type(model_or_config).__name__} has no config.model_type; pass a transformers model. "
+            f"Supported MoE types: {', '.join(supported_architectures())}"
+        )
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"model type {model_type!r} is not a supported MoE architecture. "
+            f"Supported: {', '.join(supported_architectures())}. "
+            "Register another with moe_interp.register_architecture(...)."
+        ) from None
+
+
+def get_path(root: nn.Module, path: str, model_type: str, *, missing_ok: bool = False):
+    """Resolve a dotted attribute path; numeric parts index into ModuleLists."""
+    obj = root
+    for part in path.split("."):
+        nxt = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        if nxt is None:
+            if missing_ok:
+                return None
+            raise UnsupportedModelError(
+                f"{model_type}: expected a module at {path!r}, found nothing at {part!r} "
+                f"in {type(obj).__name__}; is the architecture description right?"
+            )
+        obj = nxt
+    return obj
+
+
+def _optional(block: nn.Module, path: str | None, model_type: str):
+    return None if path is None else get_path(block, path, model_type, missing_ok=True)
+
+
+def _first_attr(config, keys: tuple[str, ...], model_type: str, what: str):
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    raise UnsupportedModelError(f"{model_type}: config has none of {keys} for the {what}")
+
+
+for _arch in (
+    MoEArchitecture("olmoe"),
+    MoEArchitecture("mixtral"),
+    MoEArchitecture("qwen2_moe", shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    MoEArchitecture("qwen3_moe"),
+):
+    register_architecture(_arch)

@@ -1,0 +1,131 @@
+"""Attention paid to token spans, recorded without changing the model's attention kernel.
+
+The model keeps running its own attention function (sdpa, flash, eager, ...). For the duration of a trace
+each attention module sees a copy of its config whose ``_attn_implementation`` names a wrapper registered
+in transformers' ``AttentionInterface``. The wrapper calls the original function with the unchanged
+arguments (so outputs are bit-identical) and, from the same post-RoPE queries and keys and the same mask,
+computes attention probabilities for the recorded query rows in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from moe_interp.hooks import ModelPatch
+
+_WRAPPER_PREFIX = "moe_interp_record|"
+
+
+def attention_probs(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    *,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities in float32, as eager attention computes them.
+
+    Args:
+        query: [batch, heads, q_len, head_dim] after RoPE.
+        key: [batch, kv_heads, k_len, head_dim] after RoPE.
+        attention_mask: None (plain causal), bool [batch, 1, q_len, k_len] (True = attend) or an additive
+            float mask of that shape.
+        sinks: per-head sink logits [heads] (GPT-OSS): part of the softmax denominator, not returned.
+
+    Returns:
+        [batch, heads, q_len, k_len].
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, k_len = scores.shape[-2:]
+    if attention_mask is None:
+        q_pos = torch.arange(k_len - q_len, k_len, device=scores.device)[:, None]
+        k_pos = torch.arange(k_len, device=scores.device)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed = allowed & (q_pos - k_pos < sliding_window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :k_len].float()
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, q_len, 1)
+        return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+class AttentionRecorder:
+    """Installs the recording wrapper on attention modules for the life of a :class:`ModelPatch`.
+
+    ``on_probs(layer_number, probs)`` receives [batch, heads, q_len, k_len] float32 for every layer.
+    """
+
+    def __init__(self, on_probs: Callable[[int, torch.Tensor], None]) -> None:
+        self.on_probs = on_probs
+
+    def install(self, patch: ModelPatch, attention_modules: list[tuple[int, nn.Module]]) -> None:
+        configs: dict[int, object] = {}
+        for number, module in attention_modules:
+            config = getattr(module, "config", None)
+            if config is None or not hasattr(config, "_attn_implementation"):
+                continue
+            original = config._attn_implementation or "eager"
+            name = _register_wrapper(original)
+            if id(config) not in configs:
+                wrapped = copy.copy(config)
+                # Bypass the property setter: it would recurse into sub-configs shared with the original.
+                wrapped.__dict__["_attn_implementation_internal"] = name
+                configs[id(config)] = wrapped
+            patch.set_attr(module, "config", configs[id(config)])
+            patch.set_attr(module, _TAG, (self, number))
+
+
+_TAG = "_moe_interp_attention_recorder"
+
+
+def _register_wrapper(original: str) -> str:
+    name = _WRAPPER_PREFIX + original
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return name
+
+    def wrapper(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if original == "eager":
+            from importlib import import_module
+
+            fn = getattr(import_module(type(module).__module__), "eager_attention_forward")
+        else:
+            fn = ALL_ATTENTION_FUNCTIONS[original]
+        out = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        tag = getattr(module, _TAG, None)
+        if tag is not None:
+            recorder, layer = tag
+            with torch.no_grad():
+                probs = attention_probs(
+                    module,
+                    query.detach(),
+                    key.detach(),
+                    attention_mask,
+                    scaling,
+                    sliding_window=kwargs.get("sliding_window"),
+                    softcap=kwargs.get("softcap"),
+                    sinks=kwargs.get("s_aux"),
+                )
+            recorder.on_probs(layer, probs)
+        return out
+
+    ALL_ATTENTION_FUNCTIONS.register(name, wrapper)
+    return name

@@ -1,0 +1,79 @@
+"""Temporary hooks and attribute changes that are always undone.
+
+Every intervention in the package goes through :class:`ModelPatch`: it registers torch hooks and swaps
+attributes, and on exit (normal, exception or KeyboardInterrupt) removes every hook and restores every
+attribute in reverse order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+_MISSING = object()
+
+
+class ModelPatch:
+    """Context manager collecting hooks and attribute swaps on a model, all undone on exit.
+
+    Example:
+        >>> from torch import nn
+        >>> lin = nn.Linear(2, 2)
+        >>> with ModelPatch() as patch:
+        ...     _ = patch.forward_hook(lin, lambda m, i, o: None)
+        ...     len(lin._forward_hooks)
+        1
+        >>> len(lin._forward_hooks)
+        0
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def forward_hook(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> nn.Module:
+        handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        self._undo.append(handle.remove)
+        return module
+
+    def pre_hook(self, module: nn.Module, fn: Callable, *, with_kwargs: bool = False) -> nn.Module:
+        handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        self._undo.append(handle.remove)
+        return module
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set ``obj.name = value`` until exit (an attribute that did not exist is deleted again)."""
+        old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name)
+        if isinstance(obj, nn.Module) and name in obj._modules:
+            old = obj._modules[name]
+        setattr(obj, name, value)
+
+        def undo() -> None:
+            if old is _MISSING:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+        self._undo.append(undo)
+
+    def eval_mode(self, model: nn.Module) -> None:
+        """Put every submodule in eval mode until exit, restoring each module's own flag."""
+        flags = [(m, m.training) for m in model.modules()]
+        model.eval()
+
+        def undo() -> None:
+            for module, flag in flags:
+                module.training = flag
+
+        self._undo.append(undo)
+
+    def restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+    def __enter__(self) -> ModelPatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()

@@ -1,0 +1,208 @@
+"""The trace object: what one forward pass of an MoE model did, as plain tensors.
+
+Tokens of all prompts are flattened into one ``token`` axis of length N (padding is never stored), in the
+same order as transformers' ``output_router_logits``. ``example[n]`` and ``position[n]`` say which prompt a
+token belongs to and where it sits in it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_interp.errors import InputError
+
+Span = tuple[int, int]
+
+_TENSOR_FIELDS = (
+    "token_ids",
+    "example",
+    "position",
+    "router_logits",
+    "router_probs",
+    "topk_indices",
+    "topk_weights",
+    "next_token_logits",
+    "attn_to_spans",
+    "expert_outputs",
+    "shared_outputs",
+    "block_outputs",
+)
+
+
+@dataclass
+class MoETrace:
+    """Routing, attention and outputs recorded from one (batched) forward pass.
+
+    Shapes (L = MoE layers, A = attention layers, N = non-padding tokens of all prompts, E = experts,
+    k = experts per token, H = heads, S = span names, B = prompts, V = vocabulary, d = hidden size):
+
+    - ``router_logits`` [L, N, E] float32: the router's raw logits.
+    - ``router_probs`` [L, N, E] float32: probabilities over all experts (softmax or sigmoid, per model).
+    - ``topk_indices`` [L, N, k] int64 and ``topk_weights`` [L, N, k] float32: the experts the model used
+      and the weights it actually applied to their outputs.
+    - ``next_token_logits`` [B, V] float32: logits at each prompt's last token.
+    - ``attn_to_spans`` [A, N, H, S] float32 or None: attention mass each query token pays to each span.
+    - ``attention_maps``: per prompt [A, H, T_i, T_i] float32, only with ``full_attention=True``.
+    - ``expert_outputs`` [L, N, k, d], ``shared_outputs`` [L, N, d] (None without shared experts) and
+      ``block_outputs`` [L, N, d]: only with ``expert_outputs=True``; sum_k w * expert + shared = block.
+    - ``spans``: per prompt, span name -> list of [start, end) token positions within that prompt.
+    """
+
+    model_type: str
+    layers: list[int]
+    num_experts: int
+    top_k: int
+    prompts: list[str]
+    tokens: list[str]
+    token_ids: torch.Tensor
+    example: torch.Tensor
+    position: torch.Tensor
+    router_logits: torch.Tensor
+    router_probs: torch.Tensor
+    topk_indices: torch.Tensor
+    topk_weights: torch.Tensor
+    next_token_logits: torch.Tensor
+    spans: list[dict[str, list[Span]]]
+    span_names: tuple[str, ...] = ()
+    attention_layers: list[int] = field(default_factory=list)
+    attn_to_spans: torch.Tensor | None = None
+    attention_maps: list[torch.Tensor] | None = None
+    expert_outputs: torch.Tensor | None = None
+    shared_outputs: torch.Tensor | None = None
+    block_outputs: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ indexing
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def token_slice(self, i: int) -> slice:
+        """The flat-token range of prompt ``i``."""
+        if not 0 <= i < len(self.prompts):
+            raise InputError(f"prompt index {i} out of range for a trace of {len(self.prompts)} prompts")
+        idx = torch.nonzero(self.example == i).flatten()
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+
+    def layer_index(self, layer: int) -> int:
+        """Position on the L axis of the model's decoder layer ``layer``."""
+        if layer not in self.layers:
+            raise InputError(f"layer {layer} is not an MoE layer of this trace; MoE layers: {self.layers}")
+        return self.layers.index(layer)
+
+    def span_mask(self, name: str) -> torch.Tensor:
+        """[N] bool: tokens inside span ``name`` (``"all"`` = every token)."""
+        if name == "all":
+            return torch.ones(len(self.tokens), dtype=torch.bool)
+        valid = {"all", *self.span_names}
+        if name not in valid:
+            raise InputError(f"unknown span {name!r}; this trace has: {sorted(valid)}")
+        mask = torch.zeros(len(self.tokens), dtype=torch.bool)
+        for i, spans in enumerate(self.spans):
+            offset = self.token_slice(i).start
+            for start, end in spans.get(name, []):
+                mask[offset + start : offset + end] = True
+        return mask
+
+    # ------------------------------------------------------------------ analyses
+    def selection_counts(self, span: str = "all") -> torch.Tensor:
+        """[L, E] int64: how often each expert was selected over the tokens of ``span``."""
+        mask = self.span_mask(span)
+        chosen = self.topk_indices[:, mask]  # [L, n, k]
+        counts = torch.zeros(len(self.layers), self.num_experts, dtype=torch.int64)
+        return counts.scatter_add_(1, chosen.flatten(1), torch.ones_like(chosen.flatten(1)))
+
+    def routing_frame(self) -> pd.DataFrame:
+        """Tidy frame, one row per (layer, token, expert).
+
+        Columns: example, layer, position, token, expert, logit, prob, rank (0 = highest logit), selected,
+        weight (applied weight, 0 if not selected), span (first span containing the token, or "").
+        """
+        n_layers, n_tokens, n_experts = self.router_logits.shape
+        rank = self.router_logits.argsort(dim=-1, descending=True).argsort(dim=-1)
+        weight = torch.zeros_like(self.router_logits).scatter_(-1, self.topk_indices, self.topk_weights)
+        selected = torch.zeros_like(self.router_logits, dtype=torch.bool).scatter_(
+            -1, self.topk_indices, torch.ones_like(self.topk_indices, dtype=torch.bool)
+        )
+        span_of = [""] * n_tokens
+        for name in reversed(self.span_names):
+            for n in torch.nonzero(self.span_mask(name)).flatten().tolist():
+                span_of[n] = name
+        tok = torch.arange(n_tokens).repeat_interleave(n_experts).repeat(n_layers)
+        return pd.DataFrame(
+            {
+                "example": self.example[tok].numpy(),
+                "layer": torch.tensor(self.layers).repeat_interleave(n_tokens * n_experts).numpy(),
+                "position": self.position[tok].numpy(),
+                "token": [self.tokens[i] for i in tok.tolist()],
+                "expert": torch.arange(n_experts).repeat(n_layers * n_tokens).numpy(),
+                "logit": self.router_logits.flatten().numpy(),
+                "prob": self.router_probs.flatten().numpy(),
+                "rank": rank.flatten().numpy(),
+                "selected": selected.flatten().numpy(),
+                "weight": weight.flatten().numpy(),
+                "span": [span_of[i] for i in tok.tolist()],
+            }
+        )
+
+    # ------------------------------------------------------------------ figures
+    def plot_routing(self, example: int = 0, **kwargs):
+        """Per-token routing of one prompt (layers x tokens); see :func:`moe_interp.plotting.plot_token_routing`."""
+        from moe_interp.plotting import plot_token_routing
+
+        return plot_token_routing(self, example=example, **kwargs)
+
+    def plot_selection(self, span: str = "all", **kwargs):
+        """Layer x expert selection frequency; see :func:`moe_interp.plotting.plot_selection_heatmap`."""
+        from moe_interp.plotting import plot_selection_heatmap
+
+        return plot_selection_heatmap(self.selection_counts(span), layers=self.layers, **kwargs)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (a folder): tensors.safetensors + meta.json, each replaced atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: getattr(self, n).contiguous() for n in _TENSOR_FIELDS if getattr(self, n) is not None}
+        for i, amap in enumerate(self.attention_maps or []):
+            tensors[f"attention_maps.{i}"] = amap.contiguous()
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSOR_FIELDS}
+        meta.pop("attention_maps")
+        _atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, p))
+        _atomic_write(path / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MoETrace:
+        """Read a trace written by :meth:`save`."""
+        path = Path(path)
+        for name in ("tensors.safetensors", "meta.json"):
+            if not (path / name).is_file():
+                raise InputError(f"{path} is not a saved MoETrace: {name} is missing")
+        meta = json.loads((path / "meta.json").read_text())
+        tensors = load_file(str(path / "tensors.safetensors"))
+        maps = sorted((k for k in tensors if k.startswith("attention_maps.")), key=lambda k: int(k.split(".")[1]))
+        meta["spans"] = [{k: [tuple(s) for s in v] for k, v in d.items()} for d in meta["spans"]]
+        meta["span_names"] = tuple(meta["span_names"])
+        return cls(
+            **meta,
+            **{n: tensors.get(n) for n in _TENSOR_FIELDS},
+            attention_maps=[tensors[k] for k in maps] or None,
+        )
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,303 @@
+"""``moe_interp.trace``: run a model once and record what its MoE layers and attention did."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moe_interp.architectures import MoEArchitecture, MoELayer, get_architecture
+from moe_interp.attention import AttentionRecorder
+from moe_interp.errors import InputError
+from moe_interp.hooks import ModelPatch
+from moe_interp.moetrace import MoETrace, Span
+from moe_interp.spans import find_all, token_spans
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    spans: dict[str, list[Span]]
+
+
+def trace(
+    model: nn.Module,
+    prompt: str | Sequence[str],
+    *,
+    context: str | Sequence[str | None] | None = None,
+    answer: str | Sequence[str | None] | None = None,
+    tokenizer=None,
+    attention: bool = True,
+    full_attention: bool = False,
+    expert_outputs: bool = False,
+) -> MoETrace:
+    """Run ``model`` on ``prompt`` and record routing, attention to spans and (optionally) expert outputs.
+
+    Args:
+        model: a transformers MoE causal LM of a registered type (see ``supported_architectures()``).
+        prompt: one string or a list of strings (batched with right padding; padding is never recorded).
+        context: substring of the prompt (or one per prompt) marked as span ``"context"``.
+        answer: substring marked as span ``"answer"`` at every occurrence inside the context (or inside
+            the prompt when no context is given).
+        tokenizer: a transformers tokenizer; defaults to ``model.tokenizer`` if the model carries one.
+        attention: record the attention mass each token pays to each span (``attn_to_spans``).
+        full_attention: also keep the full [A, H, T, T] attention maps per prompt.
+        expert_outputs: also record each chosen expert's output, shared-expert and block outputs.
+
+    Returns:
+        an :class:`MoETrace`; its docstring lists every tensor and shape.
+
+    The model is left exactly as it was: hooks are removed and modes restored even if the forward raises.
+
+    Example:
+        >>> model, tok = moe_interp.load_demo()                                  # doctest: +SKIP
+        >>> t = moe_interp.trace(model, "The capital of France is", tokenizer=tok)  # doctest: +SKIP
+        >>> t.router_logits.shape                                                # doctest: +SKIP
+        torch.Size([4, 6, 16])
+    """
+    arch = get_architecture(model)
+    moe_layers = arch.moe_layers(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise InputError("trace() needs a tokenizer: pass tokenizer=... (the model does not carry one)")
+    prompts = _as_list(prompt, "prompt")
+    if not prompts:
+        raise InputError("prompt is an empty list")
+    contexts = _broadcast(context, len(prompts), "context")
+    answers = _broadcast(answer, len(prompts), "answer")
+    encoded = [_encode(tokenizer, p, c, a) for p, c, a in zip(prompts, contexts, answers, strict=True)]
+    _check_lengths(model, encoded, prompts)
+    span_names = tuple(n for n in ("context", "answer") if any(n in e.spans for e in encoded))
+
+    device = model.get_input_embeddings().weight.device
+    input_ids, mask = _pad(encoded, tokenizer, device)
+    valid = mask.flatten().bool().cpu()
+    rec = _Recorder(arch, moe_layers, valid, expert_outputs)
+
+    with ModelPatch() as patch, torch.no_grad():
+        patch.eval_mode(model)
+        rec.install(patch)
+        if attention and (span_names or full_attention):
+            span_masks = _span_masks(encoded, span_names, input_ids.shape[1])
+            attn = _AttentionSink(span_masks, mask.cpu().bool(), full_attention)
+            AttentionRecorder(attn.on_probs).install(patch, arch.attention_modules(model))
+        else:
+            attn = None
+        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+
+    lengths = mask.sum(1).cpu()
+    last = (lengths - 1).clamp(min=0)
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    example = torch.cat([torch.full((int(n),), i, dtype=torch.long) for i, n in enumerate(lengths)])
+    token_ids = input_ids.cpu().flatten()[valid]
+    k = arch.top_k(model.config)
+    return MoETrace(
+        model_type=arch.model_type,
+        layers=[layer.number for layer in moe_layers],
+        num_experts=arch.num_experts(model.config),
+        top_k=k,
+        prompts=prompts,
+        tokens=[tokenizer.decode([i]) for i in token_ids.tolist()],
+        token_ids=token_ids,
+        example=example,
+        position=positions,
+        router_logits=rec.stack("logits"),
+        router_probs=arch.scores(rec.stack("logits")),
+        topk_indices=rec.stack("indices").long(),
+        topk_weights=rec.stack("weights").float(),
+        next_token_logits=out.logits[torch.arange(len(prompts)), last.to(out.logits.device)].float().cpu(),
+        spans=[e.spans for e in encoded],
+        span_names=span_names,
+        attention_layers=attn.layers if attn else [],
+        attn_to_spans=attn.stack_spans() if attn and span_names else None,
+        attention_maps=attn.maps(lengths) if attn and full_attention else None,
+        expert_outputs=rec.stack("expert") if expert_outputs else None,
+        shared_outputs=rec.shared() if expert_outputs else None,
+        block_outputs=rec.stack("block") if expert_outputs else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- recording
+class _Recorder:
+    """Forward hooks on routers (and, when asked, experts, shared experts and blocks)."""
+
+    def __init__(self, arch: MoEArchitecture, layers: list[MoELayer], valid: torch.Tensor, experts: bool):
+        self.arch, self.layers, self.valid, self.experts = arch, layers, valid, experts
+        self.data: dict[str, dict[int, torch.Tensor]] = {}
+
+    def put(self, kind: str, layer: int, value: torch.Tensor) -> None:
+        """Store ``value`` ([B*T, X] or [B, T, X]) as [N, X] float32 on the CPU, padding dropped."""
+        rows = value.detach().reshape(-1, value.shape[-1])
+        self.data.setdefault(kind, {})[layer] = rows.float().cpu()[self.valid]
+
+    def has(self, kind: str) -> bool:
+        return bool(self.data.get(kind))
+
+    def stack(self, kind: str) -> torch.Tensor:
+        per_layer = self.data.get(kind, {})
+        missing = [layer.number for layer in self.layers if layer.number not in per_layer]
+        if missing:
+            raise InputError(f"{self.arch.model_type}: no {kind} recorded for MoE layers {missing}")
+        return torch.stack([per_layer[layer.number] for layer in self.layers])
+
+    def install(self, patch: ModelPatch) -> None:
+        for layer in self.layers:
+            patch.forward_hook(layer.router, self._router_hook(layer.number))
+            if not self.experts:
+                continue
+            patch.forward_hook(layer.experts, self._experts_hook(layer.number), with_kwargs=True)
+            patch.forward_hook(layer.block, self._output_hook("block", layer.number))
+            if layer.shared_expert is not None:
+                patch.forward_hook(layer.shared_expert, self._output_hook("shared_raw", layer.number))
+            if layer.shared_expert_gate is not None:
+                patch.forward_hook(layer.shared_expert_gate, self._output_hook("shared_gate", layer.number))
+
+    def _router_hook(self, number: int):
+        names = self.arch.router_output
+
+        def hook(module, args, output):
+            values = output if isinstance(output, tuple) else (output,)
+            for name, value in zip(names, values, strict=False):
+                self.put(name, number, value)
+
+        return hook
+
+    def _output_hook(self, kind: str, number: int):
+        def hook(module, args, output):
+            self.put(kind, number, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def shared(self) -> torch.Tensor | None:
+        """[L, N, d]: shared-expert contribution (times sigmoid of its gate where there is one)."""
+        if not self.has("shared_raw"):
+            return None
+        raw = self.stack("shared_raw")
+        return torch.sigmoid(self.stack("shared_gate")) * raw if self.has("shared_gate") else raw
+
+    def _experts_hook(self, number: int):
+        def hook(module, args, kwargs, output):
+            hidden, index, weights = _experts_args(args, kwargs)
+            ones = torch.ones_like(weights[:, :1])
+            per_slot = [module.forward(hidden, index[:, j : j + 1], ones) for j in range(index.shape[1])]
+            stacked = torch.stack(per_slot, dim=1)  # [T, k, d]
+            self.data.setdefault("expert", {})[number] = stacked.detach().float().cpu()[self.valid]
+
+        return hook
+
+
+def _experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values = list(args)
+    for name in ("hidden_states", "top_k_index", "top_k_weights"):
+        if name in kwargs:
+            values.append(kwargs[name])
+    if len(values) < 3:
+        raise InputError("experts module was not called as experts(hidden, top_k_index, top_k_weights)")
+    return values[0], values[1], values[2]
+
+
+class _AttentionSink:
+    """Turns per-layer attention probabilities into span masses (and full maps when asked)."""
+
+    def __init__(self, span_masks: torch.Tensor, mask: torch.Tensor, keep_maps: bool):
+        self.span_masks, self.mask, self.keep_maps = span_masks, mask, keep_maps  # [B, S, T], [B, T]
+        self.layers: list[int] = []
+        self.spans: list[torch.Tensor] = []
+        self.full: list[torch.Tensor] = []
+
+    def on_probs(self, layer: int, probs: torch.Tensor) -> None:
+        probs = probs.float().cpu()  # [B, H, T, T]
+        self.layers.append(layer)
+        if self.span_masks.shape[1]:
+            mass = torch.einsum("bhqk,bsk->bqhs", probs, self.span_masks)
+            self.spans.append(mass[self.mask])  # [N, H, S]
+        if self.keep_maps:
+            self.full.append(probs)
+
+    def stack_spans(self) -> torch.Tensor:
+        return torch.stack(self.spans)
+
+    def maps(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+        full = torch.stack(self.full)  # [A, B, H, T, T]
+        return [full[:, b, :, :n, :n].clone() for b, n in enumerate(lengths.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _as_list(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    items = list(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise InputError(f"{name}[{i}] must be a string, got {type(item).__name__}")
+        if not item.strip():
+            raise InputError(f"{name}[{i}] is empty")
+    return items
+
+
+def _broadcast(value, n: int, name: str) -> list[str | None]:
+    if value is None or isinstance(value, str):
+        return [value] * n
+    items = list(value)
+    if len(items) != n:
+        raise InputError(f"{name} has {len(items)} entries for {n} prompts")
+    return items
+
+
+def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> _Encoded:
+    char_spans: dict[str, list[Span]] = {}
+    if context is not None:
+        start = prompt.find(context)
+        if not context or start < 0:
+            raise InputError(f"context {_quote(context)} not found in prompt {_quote(prompt)}")
+        char_spans["context"] = [(start, start + len(context))]
+    if answer is not None:
+        within = char_spans.get("context", [(0, len(prompt))])[0]
+        found = find_all(prompt, answer, within) if answer else []
+        if not found:
+            where = "the context" if context is not None else "the prompt"
+            raise InputError(f"answer {_quote(answer)} not found in {where} of prompt {_quote(prompt)}")
+        char_spans["answer"] = found
+    ids, spans = token_spans(tokenizer, prompt, char_spans)
+    if not ids:
+        raise InputError(f"prompt {_quote(prompt)} tokenizes to no tokens")
+    return _Encoded(ids, spans)
+
+
+def _quote(text: str | None, limit: int = 80) -> str:
+    if text is None:
+        return "None"
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+def _check_lengths(model: nn.Module, encoded: list[_Encoded], prompts: list[str]) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for i, e in enumerate(encoded):
+        if limit is not None and len(e.ids) > limit:
+            raise InputError(
+                f"prompt {i} ({_quote(prompts[i], 40)}) has {len(e.ids)} tokens, more than the model's "
+                f"{limit} positions (max_position_embeddings); shorten it - nothing is truncated silently"
+            )
+
+
+def _pad(encoded: list[_Encoded], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(e.ids) for e in encoded)
+    pad = tokenizer.pad_token_id
+    pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e.ids)] = torch.tensor(e.ids)
+        mask[i, : len(e.ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _span_masks(encoded: list[_Encoded], names: tuple[str, ...], width: int) -> torch.Tensor:
+    masks = torch.zeros(len(encoded), len(names), width)
+    for b, e in enumerate(encoded):
+        for s, name in enumerate(names):
+            for start, end in e.spans.get(name, []):
+                masks[b, s, start:end] = 1.0
+    return masks
