@@ -81,7 +81,9 @@ class MoEArchitecture:
         found = []
         for number, layer in enumerate(layers):
             block = get_path(layer, self.block, self.model_type, missing_ok=True)
-            router = get_path(block, self.router, self.model_type, missing_ok=True) if block is not None else None
+            router = (
+                get_path(block, self.router, self.model_type, missing_ok=True) if block is not None else None
+            )
             if router is None:
                 continue
             found.append(
@@ -97,7 +99,8 @@ class MoEArchitecture:
             )
         if not found:
             raise UnsupportedModelError(
-                f"model of type {self.model_type!r} has no MoE layer at {self.layers}[i].{self.block}.{self.router}"
+                f"model of type {self.model_type!r} has no MoE layer at "
+                f"{self.layers}[i].{self.block}.{self.router}"
             )
         return found
 

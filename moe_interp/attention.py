@@ -106,7 +106,7 @@ def _register_wrapper(original: str) -> str:
         if original == "eager":
             from importlib import import_module
 
-            fn = getattr(import_module(type(module).__module__), "eager_attention_forward")
+            fn = import_module(type(module).__module__).eager_attention_forward
         else:
             fn = ALL_ATTENTION_FUNCTIONS[original]
         out = fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)

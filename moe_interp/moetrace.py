@@ -110,6 +110,14 @@ class MoETrace:
                 mask[offset + start : offset + end] = True
         return mask
 
+    def span_labels(self) -> list[str]:
+        """[N] the innermost span containing each token ("answer" inside "context"), or ""."""
+        labels = [""] * len(self.tokens)
+        for name in self.span_names:  # later names are nested inside earlier ones
+            for n in torch.nonzero(self.span_mask(name)).flatten().tolist():
+                labels[n] = name
+        return labels
+
     # ------------------------------------------------------------------ analyses
     def selection_counts(self, span: str = "all") -> torch.Tensor:
         """[L, E] int64: how often each expert was selected over the tokens of ``span``."""
@@ -122,7 +130,7 @@ class MoETrace:
         """Tidy frame, one row per (layer, token, expert).
 
         Columns: example, layer, position, token, expert, logit, prob, rank (0 = highest logit), selected,
-        weight (applied weight, 0 if not selected), span (first span containing the token, or "").
+        weight (applied weight, 0 if not selected), span (see :meth:`span_labels`).
         """
         n_layers, n_tokens, n_experts = self.router_logits.shape
         rank = self.router_logits.argsort(dim=-1, descending=True).argsort(dim=-1)
@@ -130,10 +138,7 @@ class MoETrace:
         selected = torch.zeros_like(self.router_logits, dtype=torch.bool).scatter_(
             -1, self.topk_indices, torch.ones_like(self.topk_indices, dtype=torch.bool)
         )
-        span_of = [""] * n_tokens
-        for name in reversed(self.span_names):
-            for n in torch.nonzero(self.span_mask(name)).flatten().tolist():
-                span_of[n] = name
+        span_of = self.span_labels()
         tok = torch.arange(n_tokens).repeat_interleave(n_experts).repeat(n_layers)
         return pd.DataFrame(
             {
@@ -153,7 +158,7 @@ class MoETrace:
 
     # ------------------------------------------------------------------ figures
     def plot_routing(self, example: int = 0, **kwargs):
-        """Per-token routing of one prompt (layers x tokens); see :func:`moe_interp.plotting.plot_token_routing`."""
+        """Per-token routing of one prompt; see :func:`moe_interp.plotting.plot_token_routing`."""
         from moe_interp.plotting import plot_token_routing
 
         return plot_token_routing(self, example=example, **kwargs)
@@ -187,7 +192,9 @@ class MoETrace:
                 raise InputError(f"{path} is not a saved MoETrace: {name} is missing")
         meta = json.loads((path / "meta.json").read_text())
         tensors = load_file(str(path / "tensors.safetensors"))
-        maps = sorted((k for k in tensors if k.startswith("attention_maps.")), key=lambda k: int(k.split(".")[1]))
+        maps = sorted(
+            (k for k in tensors if k.startswith("attention_maps.")), key=lambda k: int(k.split(".")[1])
+        )
         meta["spans"] = [{k: [tuple(s) for s in v] for k, v in d.items()} for d in meta["spans"]]
         meta["span_names"] = tuple(meta["span_names"])
         return cls(

@@ -72,8 +72,13 @@ def token_offsets(tokenizer, text: str) -> tuple[list[int], list[Span]]:
     return ids, offsets
 
 
-def token_spans(tokenizer, text: str, char_spans: dict[str, list[Span]]) -> tuple[list[int], dict[str, list[Span]]]:
+def token_spans(
+    tokenizer, text: str, char_spans: dict[str, list[Span]]
+) -> tuple[list[int], dict[str, list[Span]]]:
     """Tokenise ``text`` and map each named list of character spans to token spans."""
     ids, offsets = token_offsets(tokenizer, text)
-    out = {name: [t for span in spans for t in char_to_token_spans(offsets, span)] for name, spans in char_spans.items()}
+    out = {
+        name: [t for span in spans for t in char_to_token_spans(offsets, span)]
+        for name, spans in char_spans.items()
+    }
     return ids, out

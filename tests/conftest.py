@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 VOCAB = 512
@@ -27,7 +27,9 @@ TINY = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=6)),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        dict(num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1]),
+        dict(
+            num_experts=8, moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1]
+        ),
     ),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True)),
 }
@@ -56,7 +58,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         "The mother tongue of Danielle Darrieux is French. Ünïcode café naïve 東京",
     ] * 20
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB - 2, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB - 2,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

@@ -1,0 +1,167 @@
+"""Interactive plotly figures of routing. Each function returns a ``plotly.graph_objects.Figure``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import plotly.graph_objects as go
+import torch
+
+if TYPE_CHECKING:
+    from moe_interp.moetrace import MoETrace
+
+TEMPLATE = "plotly_white"
+FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
+
+
+def _style(fig: go.Figure, title: str, height: int, width: int | None = None) -> go.Figure:
+    fig.update_layout(
+        template=TEMPLATE,
+        font=FONT,
+        title=dict(text=title, x=0.01, xanchor="left"),
+        height=height,
+        width=width,
+        margin=dict(l=70, r=30, t=60, b=70),
+    )
+    return fig
+
+
+def plot_selection_heatmap(
+    counts: torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    normalize: bool = True,
+    title: str = "Expert selection frequency",
+    diverging: bool = False,
+) -> go.Figure:
+    """Layer x expert heatmap of selection counts.
+
+    Args:
+        counts: [L, E] selection counts (or a difference of frequencies when ``diverging``).
+        layers: decoder-layer numbers of the L rows (default 0..L-1).
+        normalize: show each layer's share of selections instead of raw counts.
+        diverging: centre the colour scale at zero (for tuned-minus-base differences).
+    """
+    counts = counts.float()
+    z = counts / counts.sum(dim=1, keepdim=True).clamp(min=1) if normalize and not diverging else counts
+    layers = list(layers) if layers is not None else list(range(counts.shape[0]))
+    label = "share of selections" if normalize and not diverging else "value"
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.numpy(),
+            x=[str(e) for e in range(counts.shape[1])],
+            y=[f"L{n}" for n in layers],
+            customdata=counts.numpy(),
+            colorscale="RdBu" if diverging else "Viridis",
+            zmid=0 if diverging else None,
+            colorbar=dict(title=dict(text=label, side="right")),
+            hovertemplate="layer %{y}<br>expert %{x}<br>"
+            + label
+            + " %{z:.3f}<br>count %{customdata}<extra></extra>",
+        )
+    )
+    fig.update_xaxes(title="expert", type="category")
+    fig.update_yaxes(title="MoE layer", autorange="reversed", type="category")
+    return _style(fig, title, height=120 + 45 * len(layers), width=max(520, 160 + 38 * counts.shape[1]))
+
+
+def plot_token_routing(trace: MoETrace, example: int = 0, *, max_tokens: int = 120, title: str | None = None):
+    """Tokens x layers grid of one prompt; colour = top-1 expert, hover = top-k experts, weights and span.
+
+    Spans (context, answer) are outlined under the token axis.
+    """
+    sl = trace.token_slice(example)
+    n = min(sl.stop - sl.start, max_tokens)
+    sl = slice(sl.stop - n, sl.stop)  # keep the end of long prompts: the question and answer cue live there
+    idx = trace.topk_indices[:, sl]  # [L, n, k]
+    w = trace.topk_weights[:, sl]
+    tokens = trace.tokens[sl]
+    spans = trace.span_labels()[sl]
+    hover = [
+        [
+            f"token {trace.position[sl.start + t].item()}: {tokens[t]!r}"
+            + (f" [{spans[t]}]" if spans[t] else "")
+            + "<br>"
+            + "<br>".join(
+                f"expert {int(e)}: w={float(x):.3f}" for e, x in zip(idx[lay, t], w[lay, t], strict=True)
+            )
+            for t in range(n)
+        ]
+        for lay in range(idx.shape[0])
+    ]
+    labels = [t.strip() or repr(t) for t in tokens]
+    x = list(range(n))
+    palette = _palette(trace.num_experts)
+    fig = go.Figure(
+        go.Heatmap(
+            z=idx[:, :, 0].numpy(),
+            x=x,
+            y=[f"L{m}" for m in trace.layers],
+            text=hover,
+            hoverinfo="text",
+            colorscale=palette,
+            zmin=-0.5,
+            zmax=trace.num_experts - 0.5,
+            xgap=1,
+            ygap=1,
+            colorbar=dict(
+                title=dict(text="top-1 expert", side="right"), tickvals=list(range(trace.num_experts))
+            ),
+        )
+    )
+    for name, colour in zip(trace.span_names, ("#d62728", "#2ca02c", "#9467bd"), strict=False):
+        for t in range(n):
+            if spans[t] == name:
+                fig.add_shape(
+                    type="rect",
+                    x0=t - 0.5,
+                    x1=t + 0.5,
+                    y0=-0.5,
+                    y1=len(trace.layers) - 0.5,
+                    line=dict(color=colour, width=1),
+                    fillcolor="rgba(0,0,0,0)",
+                )
+        fig.add_trace(
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                name=name,
+                marker=dict(symbol="square-open", color=colour, size=12),
+            )
+        )
+    fig.update_xaxes(tickvals=x, ticktext=labels, tickangle=-60, title="token", showgrid=False)
+    fig.update_yaxes(title="MoE layer", autorange="reversed", showgrid=False)
+    fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
+    title = (
+        title or f"Per-token routing, prompt {example} (colour = top-1 expert; hover for top-{trace.top_k})"
+    )
+    return _style(fig, title, height=200 + 40 * len(trace.layers), width=max(700, 120 + 16 * n))
+
+
+def _palette(n: int) -> list[list]:
+    """A discrete colour scale with one colour band per expert id."""
+    base = [
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+        "#aec7e8",
+        "#ffbb78",
+        "#98df8a",
+        "#ff9896",
+        "#c5b0d5",
+        "#c49c94",
+    ]
+    colours = [base[i % len(base)] for i in range(n)]
+    scale = []
+    for i, c in enumerate(colours):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale

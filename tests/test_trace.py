@@ -1,0 +1,315 @@
+"""trace() against independent references, on tiny random models of every registered architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from conftest import make_model
+
+import moe_interp
+from moe_interp.errors import InputError, UnsupportedModelError
+
+CONTEXT = "The Eiffel Tower is in Paris. Paris is in France."
+PROMPTS = [
+    f"Context: {CONTEXT} Question: Where is the Eiffel Tower? Answer:",
+    "The mother tongue of Danielle Darrieux is",
+    "Question: café naïve 東京?",
+]
+
+
+def _padded(tokenizer, prompts):
+    enc = [tokenizer(p)["input_ids"] for p in prompts]
+    width = max(map(len, enc))
+    ids = torch.full((len(enc), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(enc):
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return ids, mask
+
+
+def test_router_logits_match_model_output(model_type, tokenizer):
+    model = make_model(model_type)
+    t = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer)
+    ids, mask = _padded(tokenizer, PROMPTS)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    valid = mask.flatten().bool()
+    ref = torch.stack([r for r in out.router_logits])[:, valid].float()
+    assert t.router_logits.shape == ref.shape == (len(t.layers), int(mask.sum()), t.num_experts)
+    torch.testing.assert_close(t.router_logits, ref, atol=1e-6, rtol=0)
+    # next-token logits at each prompt's last real token
+    last = mask.sum(1) - 1
+    torch.testing.assert_close(t.next_token_logits, out.logits[torch.arange(3), last], atol=1e-6, rtol=0)
+    # probabilities and the selected experts follow the model's rule: top-k of the softmax
+    torch.testing.assert_close(t.router_probs, torch.softmax(ref, -1), atol=1e-6, rtol=0)
+    top = torch.topk(t.router_probs, t.top_k, dim=-1).indices
+    assert torch.equal(top.sort(-1).values, t.topk_indices.sort(-1).values)
+
+
+def test_expert_outputs_recombine_to_block_output(model_type, tokenizer):
+    model = make_model(model_type)
+    arch = moe_interp.get_architecture(model)
+    layers = arch.moe_layers(model)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = [
+        layer.block.register_forward_hook(lambda m, a, o, n=layer.number: seen.__setitem__(n, (a[0], o)))
+        for layer in layers
+    ]
+    try:
+        t = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer, expert_outputs=True)
+    finally:
+        for h in handles:
+            h.remove()
+    valid = _padded(tokenizer, PROMPTS)[1].flatten().bool()
+    for li, layer in enumerate(layers):
+        block_in, block_out = seen[layer.number]
+        block_in = block_in.reshape(-1, block_in.shape[-1])[valid]
+        block_out = block_out.reshape(-1, block_out.shape[-1])[valid]
+        torch.testing.assert_close(t.block_outputs[li], block_out, atol=1e-6, rtol=0)
+        # independent recomputation of each chosen expert from the fused 3-D weights
+        ex = layer.experts
+        for slot in range(t.top_k):
+            e = t.topk_indices[li, :, slot]
+            gate, up = torch.einsum("nd,nfd->nf", block_in, ex.gate_up_proj[e]).chunk(2, dim=-1)
+            ref = torch.einsum("nf,ndf->nd", ex.act_fn(gate) * up, ex.down_proj[e])
+            torch.testing.assert_close(t.expert_outputs[li, :, slot], ref, atol=1e-5, rtol=1e-5)
+        shared = t.shared_outputs[li] if t.shared_outputs is not None else 0.0
+        recon = (t.topk_weights[li, ..., None] * t.expert_outputs[li]).sum(1) + shared
+        torch.testing.assert_close(recon, block_out, atol=1e-5, rtol=0)
+    assert (t.shared_outputs is not None) == (model_type == "qwen2_moe")
+
+
+def test_dense_layers_keep_model_numbering(tokenizer):
+    model = make_model("qwen2_moe")  # mlp_only_layers=[1]
+    t = moe_interp.trace(model, PROMPTS[0], tokenizer=tokenizer)
+    assert t.layers == [0, 2]
+    assert t.layer_index(2) == 1
+    with pytest.raises(InputError, match="not an MoE layer"):
+        t.layer_index(1)
+
+
+def test_attention_to_spans_matches_eager_maps(model_type, tokenizer):
+    sdpa = make_model(model_type, attn="sdpa")
+    eager = make_model(model_type, attn="eager")
+    answers = ["Paris", None, None]
+    contexts = [CONTEXT, None, None]
+    t = moe_interp.trace(
+        sdpa, PROMPTS, context=contexts, answer=answers, tokenizer=tokenizer, full_attention=True
+    )
+    ids, mask = _padded(tokenizer, PROMPTS)
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert t.span_names == ("context", "answer")
+    assert len(t.spans[0]["answer"]) == 2  # both occurrences of "Paris" inside the context
+    n0 = int(mask[0].sum())
+    span_tok = torch.zeros(len(t.span_names), n0)
+    for s, name in enumerate(t.span_names):
+        for a, b in t.spans[0][name]:
+            span_tok[s, a:b] = 1
+    for li, layer in enumerate(t.attention_layers):
+        probs = ref[layer][0, :, :n0, :n0]  # [H, T, T]
+        torch.testing.assert_close(t.attention_maps[0][li], probs, atol=1e-5, rtol=0)
+        mass = torch.einsum("hqk,sk->qhs", probs, span_tok)
+        torch.testing.assert_close(t.attn_to_spans[li, t.token_slice(0)], mass, atol=1e-5, rtol=0)
+    # prompts without spans pay no attention to them
+    assert t.attn_to_spans[:, t.token_slice(1)].abs().max() == 0
+
+
+def test_spans_are_exact_tokens(tokenizer):
+    model = make_model("olmoe")
+    prompt = PROMPTS[0]
+    t = moe_interp.trace(model, prompt, context=CONTEXT, answer="Paris", tokenizer=tokenizer)
+    ctx = "".join("".join(t.tokens[a:b]) for a, b in t.spans[0]["context"])
+    assert ctx.strip() == CONTEXT
+    assert all("".join(t.tokens[a:b]).strip() == "Paris" for a, b in t.spans[0]["answer"])
+    assert int(t.span_mask("answer").sum()) >= 2
+
+
+def test_batched_equals_unbatched(model_type, tokenizer):
+    model = make_model(model_type)
+    batch = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer)
+    for i, p in enumerate(PROMPTS):
+        one = moe_interp.trace(model, p, tokenizer=tokenizer)
+        sl = batch.token_slice(i)
+        torch.testing.assert_close(batch.router_logits[:, sl], one.router_logits, atol=1e-5, rtol=0)
+        assert torch.equal(batch.token_ids[sl], one.token_ids)
+        assert batch.tokens[sl] == one.tokens
+
+
+def test_padding_never_counted(tokenizer):
+    model = make_model("mixtral")
+    t = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer)
+    n_tokens = sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+    assert len(t.tokens) == n_tokens
+    assert t.selection_counts().sum(1).tolist() == [n_tokens * t.top_k] * len(t.layers)
+    assert tokenizer.pad_token_id not in t.token_ids.tolist()
+
+
+def _state(model):
+    hooks = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()
+    )
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    return (
+        hooks,
+        [m.training for m in model.modules()],
+        [id(c) for c in configs],
+        model.config._attn_implementation,
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+def _same(a, b):
+    assert a[:4] == b[:4]
+    assert a[5] == b[5]
+    assert a[4].keys() == b[4].keys() and all(torch.equal(a[4][k], b[4][k]) for k in a[4])
+
+
+def test_no_side_effects_and_identical_outputs(model_type, tokenizer):
+    model = make_model(model_type)
+    model.train()
+    for p in list(model.parameters())[:3]:
+        p.requires_grad_(False)
+    before = _state(model)
+    ids, mask = _padded(tokenizer, PROMPTS)
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    model.train()
+    moe_interp.trace(
+        model,
+        PROMPTS,
+        context=[CONTEXT, None, None],
+        answer=["Paris", None, None],
+        tokenizer=tokenizer,
+        expert_outputs=True,
+        full_attention=True,
+    )
+    _same(before, _state(model))
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(plain, after)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_hooks_removed_when_forward_raises(tokenizer, exc):
+    model = make_model("olmoe")
+    target = model.model.layers[1].mlp.experts
+
+    def boom(module, args):
+        raise exc("boom")
+
+    handle = target.register_forward_pre_hook(boom)
+    before = _state(model)
+    with pytest.raises(exc):
+        moe_interp.trace(
+            model, PROMPTS, context=[CONTEXT, None, None], tokenizer=tokenizer, expert_outputs=True
+        )
+    _same(before, _state(model))
+    handle.remove()
+
+
+def test_trace_is_equal_on_an_eval_or_train_model(tokenizer):
+    model = make_model("mixtral")
+    a = moe_interp.trace(model, PROMPTS[0], tokenizer=tokenizer)
+    model.train()
+    b = moe_interp.trace(model, PROMPTS[0], tokenizer=tokenizer)
+    assert model.training
+    assert torch.equal(a.router_logits, b.router_logits)
+
+
+def test_from_pretrained_local_folder(tmp_path, tokenizer):
+    model = make_model("qwen3_moe")
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=True)
+    assert (tmp_path / "model.safetensors").is_file()
+    a = moe_interp.trace(model, PROMPTS[1], tokenizer=tokenizer)
+    b = moe_interp.trace(loaded, PROMPTS[1], tokenizer=tokenizer)
+    assert torch.equal(a.router_logits, b.router_logits)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_not_moe_model_is_named(tokenizer):
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    dense = transformers.LlamaForCausalLM(config)
+    with pytest.raises(UnsupportedModelError, match=r"'llama'.*Supported: .*mixtral.*olmoe"):
+        moe_interp.trace(dense, "hello", tokenizer=tokenizer)
+    with pytest.raises(UnsupportedModelError, match="Linear has no config.model_type"):
+        moe_interp.trace(torch.nn.Linear(2, 2), "hello", tokenizer=tokenizer)
+
+
+def test_bad_prompts_and_spans(tokenizer):
+    model = make_model("olmoe")
+    with pytest.raises(ValueError, match="'Berlin' not found in the context"):
+        moe_interp.trace(model, PROMPTS[0], context=CONTEXT, answer="Berlin", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="context 'Rome is in Italy.' not found"):
+        moe_interp.trace(model, PROMPTS[0], context="Rome is in Italy.", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="empty"):
+        moe_interp.trace(model, "   ", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="empty list"):
+        moe_interp.trace(model, [], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="2 entries for 3 prompts"):
+        moe_interp.trace(model, PROMPTS, context=[CONTEXT, None], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="128 positions"):
+        moe_interp.trace(model, "Paris " * 200, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="tokenizer"):
+        moe_interp.trace(model, "Paris")
+
+
+# ---------------------------------------------------------------------------------------------- views
+def test_routing_frame_is_consistent(tokenizer):
+    model = make_model("qwen2_moe")
+    t = moe_interp.trace(
+        model, PROMPTS[:2], context=[CONTEXT, None], answer=["Paris", None], tokenizer=tokenizer
+    )
+    df = t.routing_frame()
+    n = len(t.tokens)
+    assert len(df) == len(t.layers) * n * t.num_experts
+    assert set(df.columns) >= {
+        "layer",
+        "position",
+        "token",
+        "expert",
+        "logit",
+        "prob",
+        "rank",
+        "selected",
+        "span",
+    }
+    assert df.groupby(["layer", "example", "position"])["selected"].sum().eq(t.top_k).all()
+    assert df.groupby(["layer", "example", "position"])["prob"].sum().sub(1).abs().max() < 1e-5
+    top = df[df["rank"] == 0]
+    assert (top["logit"].to_numpy() == t.router_logits.max(-1).values.flatten().numpy()).all()
+    assert set(df.loc[df.span == "answer", "token"].str.strip()) == {"Paris"}
+    assert sorted(df.layer.unique()) == t.layers
+
+
+def test_save_load_roundtrip(tmp_path, tokenizer):
+    model = make_model("olmoe")
+    t = moe_interp.trace(
+        model, PROMPTS[:2], context=[CONTEXT, None], tokenizer=tokenizer, full_attention=True
+    )
+    t.save(tmp_path / "t")
+    u = moe_interp.MoETrace.load(tmp_path / "t")
+    assert u.spans == t.spans and u.tokens == t.tokens and u.layers == t.layers
+    assert torch.equal(u.router_logits, t.router_logits) and torch.equal(u.attn_to_spans, t.attn_to_spans)
+    assert all(torch.equal(a, b) for a, b in zip(u.attention_maps, t.attention_maps, strict=True))
+    with pytest.raises(ValueError, match="not a saved MoETrace"):
+        moe_interp.MoETrace.load(tmp_path)
+
+
+def test_plots_render(tokenizer):
+    model = make_model("mixtral")
+    t = moe_interp.trace(model, PROMPTS[0], context=CONTEXT, answer="Paris", tokenizer=tokenizer)
+    fig = t.plot_routing()
+    heat = fig.data[0]
+    assert heat.z.shape == (len(t.layers), len(t.tokens))
+    assert (heat.z == t.topk_indices[:, :, 0].numpy()).all()
+    sel = t.plot_selection()
+    assert abs(sel.data[0].z.sum(1) - 1).max() < 1e-6
