@@ -10,10 +10,10 @@ from torch import nn
 
 from moe_interp.architectures import MoEArchitecture, MoELayer, get_architecture
 from moe_interp.attention import AttentionRecorder
+from moe_interp.data.spans import char_to_token_spans, encode_with_offsets, find_answer_spans
 from moe_interp.errors import InputError
 from moe_interp.hooks import ModelPatch
 from moe_interp.moetrace import MoETrace, Span
-from moe_interp.spans import find_all, token_spans
 
 
 @dataclass
@@ -249,20 +249,24 @@ def _broadcast(value, n: int, name: str) -> list[str | None]:
 def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> _Encoded:
     char_spans: dict[str, list[Span]] = {}
     if context is not None:
-        start = prompt.find(context)
-        if not context or start < 0:
+        start = prompt.find(context) if context else -1
+        if start < 0:
             raise InputError(f"context {_quote(context)} not found in prompt {_quote(prompt)}")
         char_spans["context"] = [(start, start + len(context))]
     if answer is not None:
-        within = char_spans.get("context", [(0, len(prompt))])[0]
-        found = find_all(prompt, answer, within) if answer else []
+        lo, hi = char_spans.get("context", [(0, len(prompt))])[0]
+        found = [(lo + a, lo + b) for a, b in find_answer_spans(prompt[lo:hi], answer, case="sensitive")]
         if not found:
             where = "the context" if context is not None else "the prompt"
             raise InputError(f"answer {_quote(answer)} not found in {where} of prompt {_quote(prompt)}")
         char_spans["answer"] = found
-    ids, spans = token_spans(tokenizer, prompt, char_spans)
+    ids, offsets = encode_with_offsets(tokenizer, prompt)
     if not ids:
         raise InputError(f"prompt {_quote(prompt)} tokenizes to no tokens")
+    spans = {
+        name: [t for t in char_to_token_spans(offsets, spans) if t is not None]
+        for name, spans in char_spans.items()
+    }
     return _Encoded(ids, spans)
 
 
