@@ -11,9 +11,9 @@ Register a further architecture (for example a ``trust_remote_code`` model) in a
         model_type="my_moe",          # config.model_type of the model
         layers="model.layers",        # the decoder-layer ModuleList, from the top-level model
         block="mlp",                  # the MoE block inside a decoder layer
-        router="gate",                # the router inside the block: returns (logits, weights, indices)
+        router="gate",                # the router inside the block; its output holds the logits
         experts="experts",            # fused experts: forward(hidden [T, d], indices [T, k], weights [T, k])
-        scoring="softmax",            # how probabilities over all experts come from the logits
+        rule=RoutingRule(score="softmax", renormalize="norm_topk_prob"),  # see moe_interp.routing
     ))
 """
 
@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from moe_interp.errors import UnsupportedModelError
-
-Scoring = Literal["softmax", "sigmoid"]
+from moe_interp.routing import RoutingRule, config_value
 
 
 @dataclass(frozen=True)
@@ -40,11 +39,14 @@ class MoEArchitecture:
     exist is dense and keeps its number: MoE layers are found by structure, not by config arithmetic.
 
     Attributes:
-        router_output: names of the router's return values in order; ``"logits"`` is required, and
-            ``"weights"`` / ``"indices"`` when the router returns the weights applied and experts chosen.
-        scoring: how probabilities over all experts are computed from the logits (recorded as
-            ``router_probs``).
+        router_output: names of the router's return values in order; ``"logits"`` is required.
+        rule: the selection rule (:class:`moe_interp.routing.RoutingRule`), reproduced exactly.
+        applied: where the experts chosen and weights applied are read: ``"experts_input"`` (the
+            arguments of ``experts(hidden, indices, weights)``, i.e. exactly what the model used) or
+            ``"rule"`` (recomputed from the logits with ``rule``, for models that pass no such arguments).
         shared_expert_gate: a ``Linear -> 1`` whose sigmoid scales the shared expert's output.
+        expert_outputs: whether per-expert outputs can be computed by calling
+            ``experts.forward(hidden, one_index, ones)``.
     """
 
     model_type: str
@@ -53,21 +55,23 @@ class MoEArchitecture:
     router: str = "gate"
     experts: str = "experts"
     attention: str = "self_attn"
-    scoring: Scoring = "softmax"
+    rule: RoutingRule = RoutingRule()
     router_output: tuple[str, ...] = ("logits", "weights", "indices")
+    applied: Literal["experts_input", "rule"] = "experts_input"
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    expert_outputs: bool = True
     num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "top_k", "moe_top_k")
 
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities over all experts, float32. ``logits``: [..., E] -> [..., E]."""
-        logits = logits.float()
-        if self.scoring == "softmax":
-            return torch.softmax(logits, dim=-1)
-        if self.scoring == "sigmoid":
-            return torch.sigmoid(logits)
-        raise UnsupportedModelError(f"{self.model_type}: unknown scoring {self.scoring!r}")
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities over all experts, float32: sigmoid for sigmoid routers, else softmax.
+
+        ``logits``: [..., E] -> [..., E].
+        """
+        if self.rule.score == "sigmoid":
+            return torch.sigmoid(logits.float())
+        return torch.softmax(logits.float(), dim=-1)
 
     def num_experts(self, config) -> int:
         return int(_first_attr(config, self.num_experts_keys, self.model_type, "expert count"))
@@ -186,16 +190,87 @@ def _optional(block: nn.Module, path: str | None, model_type: str):
 
 def _first_attr(config, keys: tuple[str, ...], model_type: str, what: str):
     for key in keys:
-        value = getattr(config, key, None)
+        try:
+            value = config_value(config, key)
+        except (AttributeError, KeyError):
+            continue
         if value is not None:
             return value
     raise UnsupportedModelError(f"{model_type}: config has none of {keys} for the {what}")
 
 
+def _sparsemixer(logits: torch.Tensor, *, router, config, top_k: int):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    return sparsemixer(logits, jitter_eps=config.router_jitter_noise, training=False, top_k=top_k)
+
+
+_SOFTMAX_NORM = RoutingRule(renormalize="norm_topk_prob")
+_TOPK_SOFTMAX = RoutingRule(score="logits", weights="softmax_topk")
+
 for _arch in (
-    MoEArchitecture("olmoe"),
-    MoEArchitecture("mixtral"),
-    MoEArchitecture("qwen2_moe", shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
-    MoEArchitecture("qwen3_moe"),
+    MoEArchitecture("olmoe", rule=_SOFTMAX_NORM),
+    MoEArchitecture("mixtral", rule=RoutingRule(renormalize=True)),
+    MoEArchitecture(
+        "qwen2_moe",
+        rule=_SOFTMAX_NORM,
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+    ),
+    MoEArchitecture("qwen3_moe", rule=_SOFTMAX_NORM),
+    MoEArchitecture(
+        "qwen3_next",
+        rule=_SOFTMAX_NORM,
+        shared_expert="shared_expert",
+        shared_expert_gate="shared_expert_gate",
+    ),
+    MoEArchitecture(
+        "deepseek_v2",
+        rule=RoutingRule(
+            group_score="max",
+            group_when=("topk_method", "group_limited_greedy"),
+            scaling="routed_scaling_factor",
+        ),
+        shared_expert="shared_experts",
+    ),
+    MoEArchitecture(
+        "deepseek_v3",
+        rule=RoutingRule(
+            score="sigmoid",
+            choice_bias="e_score_correction_bias",
+            group_score="top2_sum",
+            renormalize="norm_topk_prob",
+            renormalize_eps=1e-20,
+            scaling="routed_scaling_factor",
+        ),
+        shared_expert="shared_experts",
+    ),
+    MoEArchitecture("gpt_oss", router="router", rule=_TOPK_SOFTMAX),
+    MoEArchitecture("granitemoe", block="block_sparse_moe", router="router", rule=_TOPK_SOFTMAX),
+    MoEArchitecture("phimoe", router="router", rule=RoutingRule(custom=_sparsemixer)),
+    MoEArchitecture(
+        "dbrx",
+        layers="transformer.blocks",
+        block="ffn",
+        router="router",
+        attention="norm_attn_norm.attn",
+        router_output=("logits",),
+        rule=RoutingRule(
+            renormalize="ffn_config.moe_normalize_expert_weights",
+            renormalize_p="ffn_config.moe_normalize_expert_weights",
+        ),
+        num_experts_keys=("ffn_config.moe_num_experts",),
+        top_k_keys=("ffn_config.moe_top_k",),
+    ),
+    MoEArchitecture(
+        "llama4_text",
+        block="feed_forward",
+        router="router",
+        router_output=("scores", "logits"),
+        rule=RoutingRule(score="logits", weights="sigmoid_topk"),
+        applied="rule",
+        shared_expert="shared_expert",
+        expert_outputs=False,
+    ),
 ):
     register_architecture(_arch)

@@ -30,6 +30,8 @@ _TENSOR_FIELDS = (
     "topk_indices",
     "topk_weights",
     "next_token_logits",
+    "selection_scores",
+    "near_tie",
     "attn_to_spans",
     "expert_outputs",
     "shared_outputs",
@@ -48,6 +50,9 @@ class MoETrace:
     - ``router_probs`` [L, N, E] float32: probabilities over all experts (softmax or sigmoid, per model).
     - ``topk_indices`` [L, N, k] int64 and ``topk_weights`` [L, N, k] float32: the experts the model used
       and the weights it actually applied to their outputs.
+    - ``selection_scores`` [L, N, E] float32 or None: scores used for choosing where they differ from
+      ``router_probs`` (DeepSeek-V3 adds a bias for choosing only).
+    - ``near_tie`` [L, N] bool: the k-th and (k+1)-th selection scores are within ``near_tie_tol``.
     - ``next_token_logits`` [B, V] float32: logits at each prompt's last token.
     - ``attn_to_spans`` [A, N, H, S] float32 or None: attention mass each query token pays to each span.
     - ``attention_maps``: per prompt [A, H, T_i, T_i] float32, only with ``full_attention=True``.
@@ -72,6 +77,8 @@ class MoETrace:
     next_token_logits: torch.Tensor
     spans: list[dict[str, list[Span]]]
     span_names: tuple[str, ...] = ()
+    selection_scores: torch.Tensor | None = None
+    near_tie: torch.Tensor | None = None
     attention_layers: list[int] = field(default_factory=list)
     attn_to_spans: torch.Tensor | None = None
     attention_maps: list[torch.Tensor] | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from moe_interp.data.spans import char_to_token_spans, encode_with_offsets, find
 from moe_interp.errors import InputError
 from moe_interp.hooks import ModelPatch
 from moe_interp.moetrace import MoETrace, Span
+from moe_interp.routing import near_ties
 
 
 @dataclass
@@ -32,6 +34,7 @@ def trace(
     attention: bool = True,
     full_attention: bool = False,
     expert_outputs: bool = False,
+    near_tie_tol: float = 1e-3,
 ) -> MoETrace:
     """Run ``model`` on ``prompt`` and record routing, attention to spans and (optionally) expert outputs.
 
@@ -45,6 +48,8 @@ def trace(
         attention: record the attention mass each token pays to each span (``attn_to_spans``).
         full_attention: also keep the full [A, H, T, T] attention maps per prompt.
         expert_outputs: also record each chosen expert's output, shared-expert and block outputs.
+        near_tie_tol: tokens whose k-th and (k+1)-th selection scores differ by at most this are flagged in
+            ``near_tie`` (in bf16/fp16 such choices can flip).
 
     Returns:
         an :class:`MoETrace`; its docstring lists every tensor and shape.
@@ -59,6 +64,8 @@ def trace(
     """
     arch = get_architecture(model)
     moe_layers = arch.moe_layers(model)
+    if expert_outputs and not arch.expert_outputs:
+        raise InputError(f"expert_outputs=True is not available for model type {arch.model_type!r}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise InputError("trace() needs a tokenizer: pass tokenizer=... (the model does not carry one)")
@@ -93,6 +100,11 @@ def trace(
     example = torch.cat([torch.full((int(n),), i, dtype=torch.long) for i, n in enumerate(lengths)])
     token_ids = input_ids.cpu().flatten()[valid]
     k = arch.top_k(model.config)
+    logits = rec.stack("logits")
+    weights, indices = rec.applied_routing(model.config, k)
+    choice = torch.stack(
+        [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
+    )
     return MoETrace(
         model_type=arch.model_type,
         layers=[layer.number for layer in moe_layers],
@@ -103,10 +115,12 @@ def trace(
         token_ids=token_ids,
         example=example,
         position=positions,
-        router_logits=rec.stack("logits"),
-        router_probs=arch.scores(rec.stack("logits")),
-        topk_indices=rec.stack("indices").long(),
-        topk_weights=rec.stack("weights").float(),
+        router_logits=logits,
+        router_probs=arch.probabilities(logits),
+        topk_indices=indices,
+        topk_weights=weights,
+        selection_scores=choice if arch.rule.choice_bias is not None else None,
+        near_tie=near_ties(choice, k, near_tie_tol),
         next_token_logits=out.logits[torch.arange(len(prompts)), last.to(out.logits.device)].float().cpu(),
         spans=[e.spans for e in encoded],
         span_names=span_names,
@@ -145,9 +159,10 @@ class _Recorder:
     def install(self, patch: ModelPatch) -> None:
         for layer in self.layers:
             patch.forward_hook(layer.router, self._router_hook(layer.number))
+            if self.arch.applied == "experts_input":
+                patch.pre_hook(layer.experts, self._experts_hook(layer.number), with_kwargs=True)
             if not self.experts:
                 continue
-            patch.forward_hook(layer.experts, self._experts_hook(layer.number), with_kwargs=True)
             patch.forward_hook(layer.block, self._output_hook("block", layer.number))
             if layer.shared_expert is not None:
                 patch.forward_hook(layer.shared_expert, self._output_hook("shared_raw", layer.number))
@@ -155,12 +170,11 @@ class _Recorder:
                 patch.forward_hook(layer.shared_expert_gate, self._output_hook("shared_gate", layer.number))
 
     def _router_hook(self, number: int):
-        names = self.arch.router_output
+        position = self.arch.router_output.index("logits")
 
         def hook(module, args, output):
             values = output if isinstance(output, tuple) else (output,)
-            for name, value in zip(names, values, strict=False):
-                self.put(name, number, value)
+            self.put("logits", number, values[position])
 
         return hook
 
@@ -178,24 +192,32 @@ class _Recorder:
         return torch.sigmoid(self.stack("shared_gate")) * raw if self.has("shared_gate") else raw
 
     def _experts_hook(self, number: int):
-        def hook(module, args, kwargs, output):
-            hidden, index, weights = _experts_args(args, kwargs)
-            ones = torch.ones_like(weights[:, :1])
-            per_slot = [module.forward(hidden, index[:, j : j + 1], ones) for j in range(index.shape[1])]
-            stacked = torch.stack(per_slot, dim=1)  # [T, k, d]
-            self.data.setdefault("expert", {})[number] = stacked.detach().float().cpu()[self.valid]
+        def hook(module, args, kwargs):
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            hidden, index, weights = list(bound.arguments.values())[:3]
+            self.put("indices", number, index)
+            self.put("weights", number, weights)
+            if self.experts:
+                ones = torch.ones_like(weights[..., :1])
+                d = hidden.shape[-1]
+                slots = [
+                    module.forward(hidden, index[:, j : j + 1], ones).reshape(-1, d)
+                    for j in range(index.shape[1])
+                ]
+                stacked = torch.stack(slots, dim=1)  # [B*T, k, d]
+                self.data.setdefault("expert", {})[number] = stacked.detach().float().cpu()[self.valid]
 
         return hook
 
-
-def _experts_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    values = list(args)
-    for name in ("hidden_states", "top_k_index", "top_k_weights"):
-        if name in kwargs:
-            values.append(kwargs[name])
-    if len(values) < 3:
-        raise InputError("experts module was not called as experts(hidden, top_k_index, top_k_weights)")
-    return values[0], values[1], values[2]
+    def applied_routing(self, config, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, N, k] weights and indices the model applied (read from the experts' inputs or recomputed)."""
+        if self.arch.applied == "experts_input":
+            return self.stack("weights"), self.stack("indices").long()
+        pairs = [
+            self.arch.rule.route(self.data["logits"][layer.number], config, top_k, layer.router)
+            for layer in self.layers
+        ]
+        return torch.stack([w for w, _ in pairs]), torch.stack([i for _, i in pairs])
 
 
 class _AttentionSink:

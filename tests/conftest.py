@@ -32,18 +32,103 @@ TINY = {
         ),
     ),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=8, moe_intermediate_size=24, norm_topk_prob=True)),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(
+            num_experts=8,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=40,
+            head_dim=8,
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            layer_types=["linear_attention", "full_attention", "full_attention"],
+        ),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            n_routed_experts=8,
+            n_shared_experts=1,
+            moe_intermediate_size=24,
+            first_k_dense_replace=1,
+            num_key_value_heads=4,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+            qk_nope_head_dim=8,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            n_routed_experts=8,
+            n_shared_experts=1,
+            moe_intermediate_size=24,
+            first_k_dense_replace=1,
+            num_key_value_heads=4,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            v_head_dim=8,
+            qk_nope_head_dim=8,
+        ),
+    ),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=8, head_dim=8, sliding_window=8)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8)),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8)),
+    "dbrx": (
+        "DbrxConfig",
+        dict(
+            d_model=32,
+            n_heads=4,
+            n_layers=3,
+            max_seq_len=128,
+            vocab_size=VOCAB,
+            ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+        ),
+    ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            intermediate_size_mlp=64,
+            head_dim=8,
+            moe_layers=[0, 2],
+        ),
+    ),
 }
+#: the architectures built from plain ``_COMMON`` values (DBRX names its sizes differently)
+_OWN_SIZES = {"dbrx"}
+#: architectures whose transformers implementation has no sdpa path
+_EAGER_ONLY = {"gpt_oss"}
 
 
 def make_model(model_type: str, attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
     cls_name, extra = TINY[model_type]
-    config = getattr(transformers, cls_name)(**{**_COMMON, **extra})
+    values = extra if model_type in _OWN_SIZES else {**_COMMON, **extra}
+    config = getattr(transformers, cls_name)(**values)
     torch.manual_seed(seed)
+    if model_type in _EAGER_ONLY:
+        attn = "eager"
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     with torch.no_grad():  # routers start at zero in some models: give them signal
         for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight")):
+            if name.endswith(("gate.weight", "router.weight", "router.layer.weight")):
                 p.normal_(0, 0.5)
+            if name.endswith("e_score_correction_bias"):
+                p.normal_(0, 0.1)
     return model.eval()
 
 

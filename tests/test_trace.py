@@ -42,21 +42,48 @@ def test_router_logits_match_model_output(model_type, tokenizer):
     # next-token logits at each prompt's last real token
     last = mask.sum(1) - 1
     torch.testing.assert_close(t.next_token_logits, out.logits[torch.arange(3), last], atol=1e-6, rtol=0)
-    # probabilities and the selected experts follow the model's rule: top-k of the softmax
-    torch.testing.assert_close(t.router_probs, torch.softmax(ref, -1), atol=1e-6, rtol=0)
-    top = torch.topk(t.router_probs, t.top_k, dim=-1).indices
-    assert torch.equal(top.sort(-1).values, t.topk_indices.sort(-1).values)
+    arch = moe_interp.get_architecture(model)
+    probs = torch.sigmoid(ref) if arch.rule.score == "sigmoid" else torch.softmax(ref, -1)
+    torch.testing.assert_close(t.router_probs, probs, atol=1e-6, rtol=0)
+
+
+def test_routing_rule_reproduces_the_model(model_type, tokenizer):
+    """The declarative rule, applied to the logits, gives the experts and weights the model applied."""
+    model = make_model(model_type)
+    arch = moe_interp.get_architecture(model)
+    t = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer)
+    for li, layer in enumerate(arch.moe_layers(model)):
+        weights, indices = arch.rule.route(t.router_logits[li], model.config, t.top_k, layer.router)
+        order_t, order_r = t.topk_indices[li].argsort(-1), indices.argsort(-1)
+        assert torch.equal(t.topk_indices[li].gather(-1, order_t), indices.gather(-1, order_r))
+        torch.testing.assert_close(
+            t.topk_weights[li].gather(-1, order_t), weights.gather(-1, order_r), atol=1e-6, rtol=1e-6
+        )
+    assert t.near_tie.shape == t.topk_indices.shape[:2]
+    assert (t.selection_scores is not None) == (model_type == "deepseek_v3")
+
+
+#: expert weights laid out as gate_up_proj [E, 2I, d] (gate then up), down_proj [E, d, I], no biases
+STANDARD_EXPERTS = {"olmoe", "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v2", "deepseek_v3"}
 
 
 def test_expert_outputs_recombine_to_block_output(model_type, tokenizer):
     model = make_model(model_type)
     arch = moe_interp.get_architecture(model)
+    if not arch.expert_outputs:
+        with pytest.raises(ValueError, match=f"not available for model type '{model_type}'"):
+            moe_interp.trace(model, PROMPTS, tokenizer=tokenizer, expert_outputs=True)
+        return
     layers = arch.moe_layers(model)
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [
-        layer.block.register_forward_hook(lambda m, a, o, n=layer.number: seen.__setitem__(n, (a[0], o)))
-        for layer in layers
-    ]
+
+    def keep(number):
+        def hook(module, args, output):
+            seen[number] = (args[0], output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [layer.block.register_forward_hook(keep(layer.number)) for layer in layers]
     try:
         t = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer, expert_outputs=True)
     finally:
@@ -68,17 +95,17 @@ def test_expert_outputs_recombine_to_block_output(model_type, tokenizer):
         block_in = block_in.reshape(-1, block_in.shape[-1])[valid]
         block_out = block_out.reshape(-1, block_out.shape[-1])[valid]
         torch.testing.assert_close(t.block_outputs[li], block_out, atol=1e-6, rtol=0)
-        # independent recomputation of each chosen expert from the fused 3-D weights
-        ex = layer.experts
-        for slot in range(t.top_k):
-            e = t.topk_indices[li, :, slot]
-            gate, up = torch.einsum("nd,nfd->nf", block_in, ex.gate_up_proj[e]).chunk(2, dim=-1)
-            ref = torch.einsum("nf,ndf->nd", ex.act_fn(gate) * up, ex.down_proj[e])
-            torch.testing.assert_close(t.expert_outputs[li, :, slot], ref, atol=1e-5, rtol=1e-5)
+        if model_type in STANDARD_EXPERTS:  # independent recomputation from the fused 3-D weights
+            ex = layer.experts
+            for slot in range(t.top_k):
+                e = t.topk_indices[li, :, slot]
+                gate, up = torch.einsum("nd,nfd->nf", block_in, ex.gate_up_proj[e]).chunk(2, dim=-1)
+                ref = torch.einsum("nf,ndf->nd", ex.act_fn(gate) * up, ex.down_proj[e])
+                torch.testing.assert_close(t.expert_outputs[li, :, slot], ref, atol=1e-5, rtol=1e-5)
         shared = t.shared_outputs[li] if t.shared_outputs is not None else 0.0
         recon = (t.topk_weights[li, ..., None] * t.expert_outputs[li]).sum(1) + shared
         torch.testing.assert_close(recon, block_out, atol=1e-5, rtol=0)
-    assert (t.shared_outputs is not None) == (model_type == "qwen2_moe")
+    assert (t.shared_outputs is not None) == (arch.shared_expert is not None)
 
 
 def test_dense_layers_keep_model_numbering(tokenizer):
@@ -108,8 +135,10 @@ def test_attention_to_spans_matches_eager_maps(model_type, tokenizer):
     for s, name in enumerate(t.span_names):
         for a, b in t.spans[0][name]:
             span_tok[s, a:b] = 1
+    # transformers returns maps only for softmax-attention layers (Qwen3-Next also has linear attention)
+    by_layer = dict(zip(t.attention_layers, ref, strict=True)) if len(ref) == len(t.attention_layers) else ref
     for li, layer in enumerate(t.attention_layers):
-        probs = ref[layer][0, :, :n0, :n0]  # [H, T, T]
+        probs = by_layer[layer][0, :, :n0, :n0]  # [H, T, T]
         torch.testing.assert_close(t.attention_maps[0][li], probs, atol=1e-5, rtol=0)
         mass = torch.einsum("hqk,sk->qhs", probs, span_tok)
         torch.testing.assert_close(t.attn_to_spans[li, t.token_slice(0)], mass, atol=1e-5, rtol=0)
@@ -185,7 +214,7 @@ def test_no_side_effects_and_identical_outputs(model_type, tokenizer):
         context=[CONTEXT, None, None],
         answer=["Paris", None, None],
         tokenizer=tokenizer,
-        expert_outputs=True,
+        expert_outputs=moe_interp.get_architecture(model).expert_outputs,
         full_attention=True,
     )
     _same(before, _state(model))
