@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from moe_interp.architectures import MoEArchitecture, MoELayer, get_architecture
-from moe_interp.attention import AttentionRecorder
+from moe_interp import backends
+from moe_interp.architectures import get_architecture
 from moe_interp.data.spans import char_to_token_spans, encode_with_offsets, find_answer_spans
 from moe_interp.errors import InputError
-from moe_interp.hooks import ModelPatch
 from moe_interp.moetrace import MoETrace, Span
+from moe_interp.recording import AttentionSink, Recorder
 from moe_interp.routing import near_ties
 
 
@@ -35,11 +34,13 @@ def trace(
     full_attention: bool = False,
     expert_outputs: bool = False,
     near_tie_tol: float = 1e-3,
+    remote: bool = False,
 ) -> MoETrace:
     """Run ``model`` on ``prompt`` and record routing, attention to spans and (optionally) expert outputs.
 
     Args:
-        model: a transformers MoE causal LM of a registered type (see ``supported_architectures()``).
+        model: a transformers MoE causal LM of a registered type (see ``supported_architectures()``), an
+            nnsight model wrapping one, or a TransformerLens ``TransformerBridge``.
         prompt: one string or a list of strings (batched with right padding; padding is never recorded).
         context: substring of the prompt (or one per prompt) marked as span ``"context"``.
         answer: substring marked as span ``"answer"`` at every occurrence inside the context (or inside
@@ -50,6 +51,7 @@ def trace(
         expert_outputs: also record each chosen expert's output, shared-expert and block outputs.
         near_tie_tol: tokens whose k-th and (k+1)-th selection scores differ by at most this are flagged in
             ``near_tie`` (in bf16/fp16 such choices can flip).
+        remote: with an nnsight model, run on nnsight's remote service (routing only).
 
     Returns:
         an :class:`MoETrace`; its docstring lists every tensor and shape.
@@ -62,8 +64,9 @@ def trace(
         >>> t.router_logits.shape                                                # doctest: +SKIP
         torch.Size([4, 6, 16])
     """
-    arch = get_architecture(model)
-    moe_layers = arch.moe_layers(model)
+    backend, hf = backends.detect(model)
+    arch = get_architecture(hf)
+    moe_layers = arch.moe_layers(hf)
     if expert_outputs and not arch.expert_outputs:
         raise InputError(f"expert_outputs=True is not available for model type {arch.model_type!r}")
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -75,40 +78,34 @@ def trace(
     contexts = _broadcast(context, len(prompts), "context")
     answers = _broadcast(answer, len(prompts), "answer")
     encoded = [_encode(tokenizer, p, c, a) for p, c, a in zip(prompts, contexts, answers, strict=True)]
-    _check_lengths(model, encoded, prompts)
+    _check_lengths(hf, encoded, prompts)
     span_names = tuple(n for n in ("context", "answer") if any(n in e.spans for e in encoded))
 
-    device = model.get_input_embeddings().weight.device
+    device = hf.get_input_embeddings().weight.device
     input_ids, mask = _pad(encoded, tokenizer, device)
-    valid = mask.flatten().bool().cpu()
-    rec = _Recorder(arch, moe_layers, valid, expert_outputs)
-
-    with ModelPatch() as patch, torch.no_grad():
-        patch.eval_mode(model)
-        rec.install(patch)
-        if attention and (span_names or full_attention):
-            span_masks = _span_masks(encoded, span_names, input_ids.shape[1])
-            attn = _AttentionSink(span_masks, mask.cpu().bool(), full_attention)
-            AttentionRecorder(attn.on_probs).install(patch, arch.attention_modules(model))
-        else:
-            attn = None
-        out = model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    rec = Recorder(arch, moe_layers, mask.flatten().bool().cpu(), expert_outputs)
+    attn = None
+    if attention and (span_names or full_attention):
+        span_masks = _span_masks(encoded, span_names, input_ids.shape[1])
+        attn = AttentionSink(span_masks, mask.cpu().bool(), full_attention)
+    spec = backends.ForwardSpec(arch, moe_layers, input_ids, mask, rec, attn)
+    out_logits = backends.run(backend, model, hf, spec, remote=remote)
 
     lengths = mask.sum(1).cpu()
     last = (lengths - 1).clamp(min=0)
     positions = torch.cat([torch.arange(int(n)) for n in lengths])
     example = torch.cat([torch.full((int(n),), i, dtype=torch.long) for i, n in enumerate(lengths)])
-    token_ids = input_ids.cpu().flatten()[valid]
-    k = arch.top_k(model.config)
+    token_ids = input_ids.cpu().flatten()[rec.valid]
+    k = arch.top_k(hf.config)
     logits = rec.stack("logits")
-    weights, indices = rec.applied_routing(model.config, k)
+    weights, indices = rec.applied_routing(hf.config, k)
     choice = torch.stack(
         [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
     )
     return MoETrace(
         model_type=arch.model_type,
         layers=[layer.number for layer in moe_layers],
-        num_experts=arch.num_experts(model.config),
+        num_experts=arch.num_experts(hf.config),
         top_k=k,
         prompts=prompts,
         tokens=[tokenizer.decode([i]) for i in token_ids.tolist()],
@@ -121,7 +118,7 @@ def trace(
         topk_weights=weights,
         selection_scores=choice if arch.rule.choice_bias is not None else None,
         near_tie=near_ties(choice, k, near_tie_tol),
-        next_token_logits=out.logits[torch.arange(len(prompts)), last.to(out.logits.device)].float().cpu(),
+        next_token_logits=out_logits[torch.arange(len(prompts)), last.to(out_logits.device)].float().cpu(),
         spans=[e.spans for e in encoded],
         span_names=span_names,
         attention_layers=attn.layers if attn else [],
@@ -131,119 +128,6 @@ def trace(
         shared_outputs=rec.shared() if expert_outputs else None,
         block_outputs=rec.stack("block") if expert_outputs else None,
     )
-
-
-# ---------------------------------------------------------------------------------------------- recording
-class _Recorder:
-    """Forward hooks on routers (and, when asked, experts, shared experts and blocks)."""
-
-    def __init__(self, arch: MoEArchitecture, layers: list[MoELayer], valid: torch.Tensor, experts: bool):
-        self.arch, self.layers, self.valid, self.experts = arch, layers, valid, experts
-        self.data: dict[str, dict[int, torch.Tensor]] = {}
-
-    def put(self, kind: str, layer: int, value: torch.Tensor) -> None:
-        """Store ``value`` ([B*T, X] or [B, T, X]) as [N, X] float32 on the CPU, padding dropped."""
-        rows = value.detach().reshape(-1, value.shape[-1])
-        self.data.setdefault(kind, {})[layer] = rows.float().cpu()[self.valid]
-
-    def has(self, kind: str) -> bool:
-        return bool(self.data.get(kind))
-
-    def stack(self, kind: str) -> torch.Tensor:
-        per_layer = self.data.get(kind, {})
-        missing = [layer.number for layer in self.layers if layer.number not in per_layer]
-        if missing:
-            raise InputError(f"{self.arch.model_type}: no {kind} recorded for MoE layers {missing}")
-        return torch.stack([per_layer[layer.number] for layer in self.layers])
-
-    def install(self, patch: ModelPatch) -> None:
-        for layer in self.layers:
-            patch.forward_hook(layer.router, self._router_hook(layer.number))
-            if self.arch.applied == "experts_input":
-                patch.pre_hook(layer.experts, self._experts_hook(layer.number), with_kwargs=True)
-            if not self.experts:
-                continue
-            patch.forward_hook(layer.block, self._output_hook("block", layer.number))
-            if layer.shared_expert is not None:
-                patch.forward_hook(layer.shared_expert, self._output_hook("shared_raw", layer.number))
-            if layer.shared_expert_gate is not None:
-                patch.forward_hook(layer.shared_expert_gate, self._output_hook("shared_gate", layer.number))
-
-    def _router_hook(self, number: int):
-        position = self.arch.router_output.index("logits")
-
-        def hook(module, args, output):
-            values = output if isinstance(output, tuple) else (output,)
-            self.put("logits", number, values[position])
-
-        return hook
-
-    def _output_hook(self, kind: str, number: int):
-        def hook(module, args, output):
-            self.put(kind, number, output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    def shared(self) -> torch.Tensor | None:
-        """[L, N, d]: shared-expert contribution (times sigmoid of its gate where there is one)."""
-        if not self.has("shared_raw"):
-            return None
-        raw = self.stack("shared_raw")
-        return torch.sigmoid(self.stack("shared_gate")) * raw if self.has("shared_gate") else raw
-
-    def _experts_hook(self, number: int):
-        def hook(module, args, kwargs):
-            bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            hidden, index, weights = list(bound.arguments.values())[:3]
-            self.put("indices", number, index)
-            self.put("weights", number, weights)
-            if self.experts:
-                ones = torch.ones_like(weights[..., :1])
-                d = hidden.shape[-1]
-                slots = [
-                    module.forward(hidden, index[:, j : j + 1], ones).reshape(-1, d)
-                    for j in range(index.shape[1])
-                ]
-                stacked = torch.stack(slots, dim=1)  # [B*T, k, d]
-                self.data.setdefault("expert", {})[number] = stacked.detach().float().cpu()[self.valid]
-
-        return hook
-
-    def applied_routing(self, config, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """[L, N, k] weights and indices the model applied (read from the experts' inputs or recomputed)."""
-        if self.arch.applied == "experts_input":
-            return self.stack("weights"), self.stack("indices").long()
-        pairs = [
-            self.arch.rule.route(self.data["logits"][layer.number], config, top_k, layer.router)
-            for layer in self.layers
-        ]
-        return torch.stack([w for w, _ in pairs]), torch.stack([i for _, i in pairs])
-
-
-class _AttentionSink:
-    """Turns per-layer attention probabilities into span masses (and full maps when asked)."""
-
-    def __init__(self, span_masks: torch.Tensor, mask: torch.Tensor, keep_maps: bool):
-        self.span_masks, self.mask, self.keep_maps = span_masks, mask, keep_maps  # [B, S, T], [B, T]
-        self.layers: list[int] = []
-        self.spans: list[torch.Tensor] = []
-        self.full: list[torch.Tensor] = []
-
-    def on_probs(self, layer: int, probs: torch.Tensor) -> None:
-        probs = probs.float().cpu()  # [B, H, T, T]
-        self.layers.append(layer)
-        if self.span_masks.shape[1]:
-            mass = torch.einsum("bhqk,bsk->bqhs", probs, self.span_masks)
-            self.spans.append(mass[self.mask])  # [N, H, S]
-        if self.keep_maps:
-            self.full.append(probs)
-
-    def stack_spans(self) -> torch.Tensor:
-        return torch.stack(self.spans)
-
-    def maps(self, lengths: torch.Tensor) -> list[torch.Tensor]:
-        full = torch.stack(self.full)  # [A, B, H, T, T]
-        return [full[:, b, :, :n, :n].clone() for b, n in enumerate(lengths.tolist())]
 
 
 # ---------------------------------------------------------------------------------------------- inputs

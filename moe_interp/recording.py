@@ -1,0 +1,142 @@
+"""Collectors that turn hook outputs into per-layer tensors over the non-padding tokens.
+
+Backends (:mod:`moe_interp.backends`) feed them; :func:`moe_interp.trace` assembles their contents into an
+:class:`~moe_interp.moetrace.MoETrace`.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from moe_interp.architectures import MoEArchitecture, MoELayer
+from moe_interp.errors import InputError
+from moe_interp.hooks import ModelPatch
+
+
+class Recorder:
+    """Forward hooks on routers (and, when asked, experts, shared experts and blocks)."""
+
+    def __init__(self, arch: MoEArchitecture, layers: list[MoELayer], valid: torch.Tensor, experts: bool):
+        self.arch, self.layers, self.valid, self.experts = arch, layers, valid, experts
+        self.data: dict[str, dict[int, torch.Tensor]] = {}
+
+    def put(self, kind: str, layer: int, value: torch.Tensor) -> None:
+        """Store ``value`` ([B*T, X] or [B, T, X]) as [N, X] float32 on the CPU, padding dropped."""
+        rows = value.detach().reshape(-1, value.shape[-1])
+        self.data.setdefault(kind, {})[layer] = rows.float().cpu()[self.valid]
+
+    def has(self, kind: str) -> bool:
+        return bool(self.data.get(kind))
+
+    def stack(self, kind: str) -> torch.Tensor:
+        per_layer = self.data.get(kind, {})
+        missing = [layer.number for layer in self.layers if layer.number not in per_layer]
+        if missing:
+            raise InputError(f"{self.arch.model_type}: no {kind} recorded for MoE layers {missing}")
+        return torch.stack([per_layer[layer.number] for layer in self.layers])
+
+    def install(self, patch: ModelPatch, *, routing: bool = True) -> None:
+        """Register the hooks: routing (router logits, applied choices) and, if asked, expert outputs."""
+        for layer in self.layers:
+            if routing:
+                patch.forward_hook(layer.router, self._router_hook(layer.number))
+            if self.arch.applied == "experts_input" and (routing or self.experts):
+                patch.pre_hook(layer.experts, self._experts_hook(layer.number, routing), with_kwargs=True)
+            if not self.experts:
+                continue
+            patch.forward_hook(layer.block, self._output_hook("block", layer.number))
+            if layer.shared_expert is not None:
+                patch.forward_hook(layer.shared_expert, self._output_hook("shared_raw", layer.number))
+            if layer.shared_expert_gate is not None:
+                patch.forward_hook(layer.shared_expert_gate, self._output_hook("shared_gate", layer.number))
+
+    def put_router_output(self, number: int, output) -> None:
+        """Record the logits from a router's return value (a tensor or a tuple named by ``router_output``)."""
+        values = output if isinstance(output, tuple) else (output,)
+        self.put("logits", number, values[self.arch.router_output.index("logits")])
+
+    def put_experts_input(
+        self, number: int, module, args: tuple, kwargs: dict, *, routing: bool = True, outputs: bool = True
+    ) -> None:
+        """Record the experts chosen and weights applied, from ``experts(hidden, indices, weights)``'s
+        arguments, and (with expert outputs on) each chosen expert's output [B*T, k, d].
+        """
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        hidden, index, weights = list(bound.arguments.values())[:3]
+        if routing:
+            self.put("indices", number, index)
+            self.put("weights", number, weights)
+        if self.experts and outputs:
+            ones = torch.ones_like(weights[..., :1])
+            d = hidden.shape[-1]
+            slots = [
+                module.forward(hidden, index[:, j : j + 1], ones).reshape(-1, d)
+                for j in range(index.shape[1])
+            ]
+            stacked = torch.stack(slots, dim=1)
+            self.data.setdefault("expert", {})[number] = stacked.detach().float().cpu()[self.valid]
+
+    def _router_hook(self, number: int):
+        def hook(module, args, output):
+            self.put_router_output(number, output)
+
+        return hook
+
+    def _output_hook(self, kind: str, number: int):
+        def hook(module, args, output):
+            self.put(kind, number, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    def shared(self) -> torch.Tensor | None:
+        """[L, N, d]: shared-expert contribution (times sigmoid of its gate where there is one)."""
+        if not self.has("shared_raw"):
+            return None
+        raw = self.stack("shared_raw")
+        return torch.sigmoid(self.stack("shared_gate")) * raw if self.has("shared_gate") else raw
+
+    def _experts_hook(self, number: int, routing: bool):
+        def hook(module, args, kwargs):
+            self.put_experts_input(number, module, args, kwargs, routing=routing)
+
+        return hook
+
+    def applied_routing(self, config, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, N, k] weights and indices the model applied (read from the experts' inputs or recomputed)."""
+        if self.arch.applied == "experts_input":
+            return self.stack("weights"), self.stack("indices").long()
+        pairs = [
+            self.arch.rule.route(self.data["logits"][layer.number], config, top_k, layer.router)
+            for layer in self.layers
+        ]
+        return torch.stack([w for w, _ in pairs]), torch.stack([i for _, i in pairs])
+
+
+class AttentionSink:
+    """Turns per-layer attention probabilities into span masses (and full maps when asked)."""
+
+    def __init__(self, span_masks: torch.Tensor, mask: torch.Tensor, keep_maps: bool):
+        """``span_masks`` [B, S, T] float (1 inside span s), ``mask`` [B, T] bool (non-padding)."""
+        self.span_masks, self.mask, self.keep_maps = span_masks, mask, keep_maps  # [B, S, T], [B, T]
+        self.layers: list[int] = []
+        self.spans: list[torch.Tensor] = []
+        self.full: list[torch.Tensor] = []
+
+    def on_probs(self, layer: int, probs: torch.Tensor) -> None:
+        """Take one layer's attention probabilities [B, H, T, T]."""
+        probs = probs.float().cpu()  # [B, H, T, T]
+        self.layers.append(layer)
+        if self.span_masks.shape[1]:
+            mass = torch.einsum("bhqk,bsk->bqhs", probs, self.span_masks)
+            self.spans.append(mass[self.mask])  # [N, H, S]
+        if self.keep_maps:
+            self.full.append(probs)
+
+    def stack_spans(self) -> torch.Tensor:
+        return torch.stack(self.spans)
+
+    def maps(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+        full = torch.stack(self.full)  # [A, B, H, T, T]
+        return [full[:, b, :, :n, :n].clone() for b, n in enumerate(lengths.tolist())]
