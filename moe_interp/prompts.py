@@ -14,6 +14,25 @@ Closed-book prompts (no context) keep the same question/answer framing without t
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from moe_interp.data.spans import (
+    CaseMode,
+    CharSpan,
+    TokenSpan,
+    char_to_token_spans,
+    encode_with_offsets,
+    find_answer_spans,
+    offsets_from_decoding,
+)
+from moe_interp.errors import InputError
+
+if TYPE_CHECKING:
+    from moe_interp.data.example import QAExample
+
 #: The paper's user turn (Router Lens / CEFT code), with ``{context}`` and ``{question}`` slots.
 CONTEXT_TEMPLATE = (
     "Based on the context below, output the correct answer for the following question."
@@ -37,4 +56,245 @@ def build_prompt(context: str | None, question: str) -> str:
     return body + ANSWER_CUE
 
 
-__all__ = ["ANSWER_CUE", "CLOSED_BOOK_TEMPLATE", "CONTEXT_TEMPLATE", "build_prompt"]
+# --- formatted examples with spans ----------------------------------------------------------------
+
+#: Template names understood by :func:`format_example`; any other string is a custom format string.
+TEMPLATE_NAMES = ("paper", "chat")
+_FIELDS = ("context", "question")
+
+
+def _render(template: str, values: dict[str, str | None], what: str) -> tuple[str, dict[str, CharSpan]]:
+    """Fill ``{context}`` / ``{question}`` in ``template`` and return the text and each field's first span."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise InputError(f"{what}: malformed format string {template!r}: {err}") from None
+    pieces: list[str] = []
+    spans: dict[str, CharSpan] = {}
+    pos = 0
+    for literal, field, spec, conversion in parts:
+        pieces.append(literal)
+        pos += len(literal)
+        if field is None:
+            continue
+        if field not in _FIELDS or spec or conversion:
+            raise InputError(
+                f"{what}: unsupported field {{{field}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} in {template!r}; "
+                "only {context} and {question} are allowed"
+            )
+        value = values[field]
+        if value is None:
+            raise InputError(f"{what}: template {template!r} has a {{{field}}} slot but the example has none")
+        spans.setdefault(field, (pos, pos + len(value)))
+        pieces.append(value)
+        pos += len(value)
+    return "".join(pieces), spans
+
+
+def _shift(span: CharSpan, by: int) -> CharSpan:
+    return (span[0] + by, span[1] + by)
+
+
+def _adds_specials(tokenizer: Any, text: str, add_special_tokens: bool) -> bool:
+    bos = getattr(tokenizer, "bos_token", None)
+    return add_special_tokens and not (bos and text.startswith(bos))
+
+
+def _kept_length(tokenizer: Any, text: str, ids: list[int]) -> int:
+    """Length of ``ids`` (encoded with special tokens) up to the end of the text's own tokens."""
+    core = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    for start in range(len(ids) - len(core) + 1):
+        if ids[start : start + len(core)] == core:
+            return start + len(core)
+    return len(ids)
+
+
+def prompt_ids(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of a prompt, with the special-token policy of :func:`encode_prompt` (no offsets)."""
+    add = _adds_specials(tokenizer, text, add_special_tokens)
+    ids = list(tokenizer(text, add_special_tokens=add)["input_ids"])
+    return ids[: _kept_length(tokenizer, text, ids)] if add else ids
+
+
+def encode_prompt(
+    tokenizer: Any, text: str, *, add_special_tokens: bool = True
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of a prompt and each token's character offsets into ``text``.
+
+    With ``add_special_tokens`` the tokenizer's *leading* special tokens (BOS) are kept and trailing ones
+    (an EOS some tokenizers append) dropped: a prompt must not end in EOS. No BOS is added when ``text``
+    already starts with the BOS string (chat templates often render it). Special tokens get ``(0, 0)``.
+    Offsets come from :func:`~moe_interp.data.spans.encode_with_offsets` (fast tokenizers' offset
+    mapping, else :func:`~moe_interp.data.offsets_from_decoding`).
+    """
+    if _adds_specials(tokenizer, text, add_special_tokens):
+        ids, offsets = encode_with_offsets(tokenizer, text)
+        keep = _kept_length(tokenizer, text, ids)
+        return ids[:keep], offsets[:keep]
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids, offsets_from_decoding(tokenizer, ids, text)
+
+
+@dataclass(frozen=True)
+class FormattedPrompt:
+    """A prompt string with the character spans (half-open, prompt coordinates) of its parts.
+
+    Attributes:
+        text: The prompt. The answer follows it after ``answer_prefix`` (``text + answer_prefix + answer``).
+        context: Span of the context, ``None`` for closed-book prompts.
+        question: Span of the question.
+        answers: Each gold answer -> spans of all its occurrences inside the context (empty if absent;
+            matching as :func:`~moe_interp.data.find_answer_spans`, per answer).
+        answer_prefix: ``" "`` after a plain answer cue, ``""`` after a chat template's generation prompt.
+        add_special_tokens: Whether the tokenizer should add its special tokens (BOS) when encoding ``text``
+            (``False`` for chat templates, which render their own).
+        input_ids: Token ids of ``text`` (see :func:`encode_prompt`); ``None`` unless tokenised.
+        offsets: ``[T]`` character ``(start, end)`` per token; ``None`` unless tokenised.
+    """
+
+    text: str
+    context: CharSpan | None
+    question: CharSpan
+    answers: dict[str, tuple[CharSpan, ...]]
+    answer_prefix: str = " "
+    add_special_tokens: bool = True
+    input_ids: tuple[int, ...] | None = None
+    offsets: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def answer_in_context(self) -> bool:
+        """Whether any gold answer occurs in the context."""
+        return any(self.answers.values())
+
+    @property
+    def answer_spans(self) -> list[CharSpan]:
+        """All answer spans of all answers, sorted and de-duplicated."""
+        return sorted({s for spans in self.answers.values() for s in spans})
+
+    def token_spans(self, spans: Sequence[CharSpan]) -> list[TokenSpan | None]:
+        """Map character spans of :attr:`text` to token spans ``[start, end)`` of :attr:`input_ids`."""
+        if self.offsets is None:
+            raise InputError("this prompt was not tokenised; call format_example(..., tokenizer=tok)")
+        return char_to_token_spans(self.offsets, spans)
+
+    @property
+    def context_tokens(self) -> TokenSpan | None:
+        """Token span of the context (``None`` for closed-book prompts)."""
+        return None if self.context is None else self.token_spans([self.context])[0]
+
+    @property
+    def question_tokens(self) -> TokenSpan | None:
+        """Token span of the question."""
+        return self.token_spans([self.question])[0]
+
+    @property
+    def answer_tokens(self) -> dict[str, list[TokenSpan | None]]:
+        """Each gold answer -> token spans of its occurrences in the context."""
+        return {a: self.token_spans(list(s)) for a, s in self.answers.items()}
+
+
+def _user_turn(example: QAExample, what: str) -> tuple[str, dict[str, CharSpan]]:
+    if example.context is None:
+        return _render(CLOSED_BOOK_TEMPLATE, {"question": example.question, "context": None}, what)
+    return _render(CONTEXT_TEMPLATE, {"question": example.question, "context": example.context}, what)
+
+
+def _chat(tokenizer: Any, user: str, what: str) -> tuple[str, int]:
+    """The chat-formatted prompt and the offset of the user turn in it."""
+    if tokenizer is None:
+        raise InputError(f"{what}: template='chat' needs a tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{what}: tokenizer {type(tokenizer).__name__} has no chat template; use template='paper' "
+            "(plain answer cue) or a custom format string"
+        )
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+    )
+    where = text.find(user)
+    if where < 0:
+        raise InputError(f"{what}: the chat template altered the user turn; cannot locate the context in it")
+    return text, where
+
+
+def format_example(
+    example: QAExample,
+    tokenizer: Any = None,
+    *,
+    template: str = "paper",
+    tokenize: bool | None = None,
+    case: CaseMode = "fallback",
+    whole_word: bool = False,
+) -> FormattedPrompt:
+    """Format ``example`` as a prompt and locate its context, question and gold answers in it.
+
+    Args:
+        template: ``"paper"``: :func:`build_prompt` (user turn + plain answer cue; answer after one space).
+            ``"chat"``: the paper's user turn through ``tokenizer.apply_chat_template`` with the generation
+            prompt (needs a tokenizer with a chat template). Any other string: a custom format string with
+            ``{context}`` and/or ``{question}`` used as the whole prompt (include your own answer cue).
+        tokenize: Also compute ``input_ids`` / ``offsets`` (enables the token-span accessors);
+            default: whenever a tokenizer is given.
+        case, whole_word: Answer matching in the context (see :func:`~moe_interp.data.find_answer_spans`).
+
+    Raises:
+        InputError: unknown field in a custom template, a ``{context}`` slot for a closed-book example,
+            ``"chat"`` without a (chat-template) tokenizer.
+    """
+    what = f"example {example.id!r}"
+    if template == "paper":
+        body, spans = _user_turn(example, what)
+        text, offset, prefix, specials = body + ANSWER_CUE, 0, " ", True
+    elif template == "chat":
+        body, spans = _user_turn(example, what)
+        text, offset = _chat(tokenizer, body, what)
+        prefix, specials = "", False
+    else:
+        values = {"context": example.context, "question": example.question}
+        text, spans = _render(template, values, what)
+        offset, specials = 0, True
+        prefix = "" if not text or text[-1].isspace() else " "
+    if "question" not in spans:
+        raise InputError(f"{what}: template {template!r} has no {{question}} slot")
+    ctx = _shift(spans["context"], offset) if "context" in spans else None
+    answers: dict[str, tuple[CharSpan, ...]] = {}
+    for answer in example.answers:
+        if ctx is None or example.context is None:
+            answers[answer] = ()
+            continue
+        found = find_answer_spans(example.context, answer, case=case, whole_word=whole_word)
+        answers[answer] = tuple(_shift(s, ctx[0]) for s in found)
+    ids = offsets = None
+    if tokenize or (tokenize is None and tokenizer is not None):
+        if tokenizer is None:
+            raise InputError(f"{what}: tokenize=True needs a tokenizer")
+        ids_l, offs_l = encode_prompt(tokenizer, text, add_special_tokens=specials)
+        ids, offsets = tuple(ids_l), tuple(offs_l)
+    return FormattedPrompt(
+        text=text,
+        context=ctx,
+        question=_shift(spans["question"], offset),
+        answers=answers,
+        answer_prefix=prefix,
+        add_special_tokens=specials,
+        input_ids=ids,
+        offsets=offsets,
+    )
+
+
+__all__ = [
+    "ANSWER_CUE",
+    "CLOSED_BOOK_TEMPLATE",
+    "CONTEXT_TEMPLATE",
+    "TEMPLATE_NAMES",
+    "FormattedPrompt",
+    "build_prompt",
+    "encode_prompt",
+    "format_example",
+    "prompt_ids",
+]
