@@ -63,8 +63,9 @@ class Recorder:
         """Record the experts chosen and weights applied, from ``experts(hidden, indices, weights)``'s
         arguments, and (with expert outputs on) each chosen expert's output [B*T, k, d].
         """
-        bound = inspect.signature(module.forward).bind(*args, **kwargs)
-        hidden, index, weights = list(bound.arguments.values())[:3]
+        forward, prefix = _forward_of(module)
+        bound = inspect.signature(forward).bind(*prefix, *args, **kwargs)
+        hidden, index, weights = list(bound.arguments.values())[len(prefix) : len(prefix) + 3]
         if routing:
             self.put("indices", number, index)
             self.put("weights", number, weights)
@@ -112,6 +113,15 @@ class Recorder:
             for layer in self.layers
         ]
         return torch.stack([w for w, _ in pairs]), torch.stack([i for _, i in pairs])
+
+
+def _forward_of(module) -> tuple:
+    """``module.forward`` and the positional prefix it needs: wrappers such as nnsight's replace it with a
+    plain function that takes the module itself first; accelerate's device hooks keep it bound.
+    """
+    forward = module.forward
+    params = list(inspect.signature(forward).parameters)
+    return forward, ((module,) if params and params[0] == "self" else ())
 
 
 class AttentionSink:
