@@ -68,7 +68,8 @@ def test_transformer_lens_bridge_matches_transformers(model_type, tokenizer, tmp
         assert model_type not in LENS_MOE_HOOKS, exc
         pytest.skip(f"transformer-lens has no bridge for {model_type}: {exc}")
     if model_type not in LENS_MOE_HOOKS:
-        with pytest.raises(UnsupportedModelError, match=f"no MoE routing hooks for model type '{model_type}'"):
+        expected = f"no MoE routing hooks for model type '{model_type}'"
+        with pytest.raises(UnsupportedModelError, match=expected):
             moe_interp.trace(bridge, PROMPTS, tokenizer=tokenizer)
         return
     got = moe_interp.trace(bridge, PROMPTS, tokenizer=tokenizer, **SPANS)
