@@ -7,6 +7,7 @@ faithful to it.
 >>> t.routing_frame()                                                      # doctest: +SKIP
 """
 
+from moe_interp import prompts
 from moe_interp.architectures import (
     MoEArchitecture,
     get_architecture,
@@ -15,15 +16,18 @@ from moe_interp.architectures import (
 )
 from moe_interp.errors import MoEInterpError, UnsupportedModelError
 from moe_interp.moetrace import MoETrace
+from moe_interp.routing import RoutingRule
 from moe_interp.trace import trace
 
 __all__ = [
     "MoEArchitecture",
     "MoEInterpError",
     "MoETrace",
+    "RoutingRule",
     "UnsupportedModelError",
     "get_architecture",
     "load_demo",
+    "prompts",
     "register_architecture",
     "supported_architectures",
     "trace",

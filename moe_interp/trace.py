@@ -108,7 +108,7 @@ def trace(
         num_experts=arch.num_experts(hf.config),
         top_k=k,
         prompts=prompts,
-        tokens=[tokenizer.decode([i]) for i in token_ids.tolist()],
+        tokens=tokenizer.batch_decode([[i] for i in token_ids.tolist()]),
         token_ids=token_ids,
         example=example,
         position=positions,
