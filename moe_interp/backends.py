@@ -68,15 +68,23 @@ def run(
             spec.recorder.install(patch)
             _record_attention(patch, hf, spec)
             out = hf(input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False)
+            _check_attention(hf, spec)
             return out.logits
         if backend == "nnsight":
-            return _run_nnsight(model, hf, spec, patch, remote)
+            logits = _run_nnsight(model, hf, spec, patch, remote)
+            _check_attention(hf, spec)
+            return logits
         return _run_lens(model, hf, spec, patch)
 
 
 def _record_attention(patch: ModelPatch, hf: nn.Module, spec: ForwardSpec) -> None:
     if spec.attention is not None:
         AttentionRecorder(spec.attention.on_probs).install(patch, spec.arch.attention_modules(hf))
+
+
+def _check_attention(hf: nn.Module, spec: ForwardSpec) -> None:
+    if spec.attention is not None:
+        spec.attention.check([number for number, _ in spec.arch.attention_modules(hf)])
 
 
 # ---------------------------------------------------------------------------------------------- nnsight

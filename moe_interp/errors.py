@@ -17,3 +17,7 @@ class DataError(MoEInterpError, ValueError):
 
 class InputError(MoEInterpError, ValueError):
     """A prompt, span or argument given to a public function is invalid."""
+
+
+class RecordingError(MoEInterpError, RuntimeError):
+    """A hook expected to fire during the forward pass did not (the model was wrapped or patched)."""

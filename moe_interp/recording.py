@@ -11,7 +11,7 @@ import inspect
 import torch
 
 from moe_interp.architectures import MoEArchitecture, MoELayer
-from moe_interp.errors import InputError
+from moe_interp.errors import InputError, RecordingError
 from moe_interp.hooks import ModelPatch
 
 
@@ -70,14 +70,12 @@ class Recorder:
             self.put("indices", number, index)
             self.put("weights", number, weights)
         if self.experts and outputs:
-            ones = torch.ones_like(weights[..., :1])
-            d = hidden.shape[-1]
-            slots = [
-                module.forward(hidden, index[:, j : j + 1], ones).reshape(-1, d)
-                for j in range(index.shape[1])
-            ]
-            stacked = torch.stack(slots, dim=1)
-            self.data.setdefault("expert", {})[number] = stacked.detach().float().cpu()[self.valid]
+            # one call over every (token, slot) pair, each with weight 1: [B*T*k, d] -> [B*T, k, d]
+            d, k = hidden.shape[-1], index.shape[-1]
+            flat = hidden.reshape(-1, d).repeat_interleave(k, dim=0)
+            ones = torch.ones_like(weights.reshape(-1, 1))
+            each = forward(*prefix, flat, index.reshape(-1, 1), ones).reshape(-1, k, d)
+            self.data.setdefault("expert", {})[number] = each.detach().float().cpu()[self.valid]
 
     def _router_hook(self, number: int):
         def hook(module, args, output):
@@ -143,6 +141,16 @@ class AttentionSink:
             self.spans.append(mass[self.mask])  # [N, H, S]
         if self.keep_maps:
             self.full.append(probs)
+
+    def check(self, expected: list[int]) -> None:
+        """Raise if some attention layers never reported (their module bypassed the attention interface)."""
+        missing = sorted(set(expected) - set(self.layers))
+        if missing:
+            raise RecordingError(
+                f"attention was not recorded for layers {missing}: their attention modules did not call "
+                "transformers' attention interface (is the model patched by another library, e.g. a "
+                "TransformerLens bridge built on it?). Trace the wrapper itself, or pass attention=False."
+            )
 
     def stack_spans(self) -> torch.Tensor:
         return torch.stack(self.spans)

@@ -1,0 +1,209 @@
+"""Cost of recording, side by side in one run: plain forwards, trace(), nnsight and TransformerLens.
+
+Every variant runs interleaved (one repetition of each in turn, repeated), and the median time per variant is
+reported with its ratio to the plain forward on the same token ids. Usage::
+
+    python benchmarks/trace_overhead.py --reps 20 --out benchmarks/results/trace_overhead.json
+
+Variants: plain forward; forward with ``output_router_logits``; ``trace`` routing only; ``trace`` with
+attention to spans; ``trace`` with per-expert outputs; nnsight saving every router output; TransformerLens
+``run_with_cache`` filtered to the MoE hooks (only where the bridge has them). ``trace`` timings include its
+tokenisation; the plain forward gets pre-tokenised ids, so the ratios are an upper bound on the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+import moe_interp
+
+WORDS = "the model reads the context and the answer is in the passage about Paris France river city".split()
+
+
+def _tokenizer(vocab: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([" ".join(WORDS)] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+def _random_model(kind: str) -> torch.nn.Module:
+    common = dict(
+        vocab_size=1024,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        num_experts_per_tok=8,
+    )
+    if kind == "olmoe":
+        config = transformers.OlmoeConfig(**common, intermediate_size=128, num_experts=64)
+    else:  # DeepSeek-V3 shaped: sigmoid routing, grouped choice, shared expert, first layer dense
+        config = transformers.DeepseekV3Config(
+            **common,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            n_routed_experts=64,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=8,
+            topk_group=4,
+            kv_lora_rank=64,
+            q_lora_rank=96,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=16,
+            v_head_dim=32,
+        )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0, 0.02)
+    return model
+
+
+def _prompts(tok, batch: int, length: int) -> tuple[list[str], list[str], list[str]]:
+    """``batch`` prompts of about ``length`` tokens, each with a context and an answer inside it."""
+    prompts, contexts = [], []
+    for b in range(batch):
+        words = [WORDS[(b + i) % len(WORDS)] for i in range(length)]
+        text = " ".join(words)
+        while len(tok(text)["input_ids"]) > length:
+            words = words[:-1]
+            text = " ".join(words)
+        prompts.append(text)
+        contexts.append(" ".join(words[: len(words) // 2]))
+    answers = ["Paris" if "Paris" in c else c.split()[1] for c in contexts]
+    return prompts, contexts, answers
+
+
+def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str, Callable[[], object]]:
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    out: dict[str, Callable[[], object]] = {
+        "plain forward": lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
+        "forward + output_router_logits": lambda: model(
+            input_ids=ids, attention_mask=mask, use_cache=False, output_router_logits=True
+        ),
+        "trace: routing": lambda: moe_interp.trace(model, prompts, tokenizer=tok, attention=False),
+        "trace: routing + attention to spans": lambda: moe_interp.trace(
+            model, prompts, context=contexts, answer=answers, tokenizer=tok
+        ),
+        "trace: routing + expert outputs": lambda: moe_interp.trace(
+            model, prompts, tokenizer=tok, attention=False, expert_outputs=True
+        ),
+    }
+    arch = moe_interp.get_architecture(model)
+    try:
+        from nnsight import NNsight
+
+        wrapped = NNsight(model)
+
+        numbers = [m.number for m in arch.moe_layers(model)]
+
+        def nnsight_routers():
+            saved = []
+            with wrapped.trace(input_ids=ids, attention_mask=mask, use_cache=False):
+                for number in numbers:
+                    saved.append(wrapped.model.layers[number].mlp.gate.output.save())
+            return saved
+
+        out["nnsight: save every router output"] = nnsight_routers
+    except ImportError:
+        pass
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        # the bridge patches the model it wraps: give it its own copy
+        own = copy.deepcopy(model)
+        own.config.architectures = [type(own).__name__]
+        own.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(
+            str(folder), hf_model=own, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
+        )
+        names = {n for n in bridge.hook_dict if ".mlp.gate.hook_out" in n or "hook_expert_" in n}
+        if names:
+            out["TransformerLens: run_with_cache (MoE hooks)"] = lambda: bridge.run_with_cache(
+                ids, attention_mask=mask, names_filter=lambda n: n in names
+            )
+    except Exception as exc:  # noqa: BLE001 - no bridge for this architecture
+        print(f"  (TransformerLens skipped: {type(exc).__name__}: {str(exc)[:80]})")
+    return out
+
+
+def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per variant, interleaved."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.no_grad():
+        for rep in range(warmup + reps):
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                if rep >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--models", default="demo,olmoe,deepseek_v3")
+    parser.add_argument("--shapes", default="1x64,8x256")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/trace_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{args.threads}, torch {torch.__version__}, transformers {transformers.__version__}",
+        "reps": args.reps,
+        "rows": [],
+    }
+    for kind in args.models.split(","):
+        if kind == "demo":
+            model, tok = moe_interp.load_demo()
+        else:
+            model, tok = _random_model(kind), _tokenizer(1024)
+        for shape in args.shapes.split(","):
+            batch, length = map(int, shape.split("x"))
+            prompts, contexts, answers = _prompts(tok, batch, length)
+            with tempfile.TemporaryDirectory() as folder:
+                med = measure(_variants(model, tok, prompts, contexts, answers, Path(folder)), args.reps)
+            base = med["plain forward"]
+            for name, sec in med.items():
+                row = dict(
+                    model=kind, shape=shape, variant=name, ms=round(sec * 1e3, 2), ratio=round(sec / base, 3)
+                )
+                results["rows"].append(row)
+                print(
+                    f"{kind:12s} {shape:7s} {name:45s} {row['ms']:9.2f} ms  x{row['ratio']:.2f}", flush=True
+                )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
