@@ -21,7 +21,7 @@ from torch import nn
 
 from moe_interp.architectures import MoEArchitecture, MoELayer
 from moe_interp.attention import AttentionRecorder
-from moe_interp.errors import InputError, UnsupportedModelError
+from moe_interp.errors import InputError, MoEInterpError, UnsupportedModelError
 from moe_interp.hooks import ModelPatch
 from moe_interp.recording import AttentionSink, Recorder
 
@@ -62,6 +62,29 @@ def run(
     """Run the forward pass on ``backend``; fills the spec's collectors and returns logits [B, T, V]."""
     if remote and backend != "nnsight":
         raise InputError("remote=True needs an nnsight model (nnsight.LanguageModel or NNsight)")
+    try:
+        return _run(backend, model, hf, spec, remote)
+    except torch.OutOfMemoryError as exc:
+        raise _out_of_memory(spec, exc) from exc
+    except RuntimeError as exc:
+        if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
+            raise _out_of_memory(spec, exc) from exc
+        raise
+
+
+def _out_of_memory(spec: ForwardSpec, exc: BaseException) -> MoEInterpError:
+    b, t = spec.input_ids.shape
+    options = ["fewer prompts per call", "shorter prompts"]
+    if spec.attention is not None:
+        options.append("attention=False (or full_attention=False)")
+    if spec.recorder.experts:
+        options.append("expert_outputs=False")
+    return MoEInterpError(
+        f"out of memory tracing a batch of {b} x {t} tokens; try {', '.join(options)} ({exc})"
+    )
+
+
+def _run(backend: BackendName, model, hf: nn.Module, spec: ForwardSpec, remote: bool) -> torch.Tensor:
     with ModelPatch() as patch, torch.no_grad():
         patch.eval_mode(hf)
         if backend == "transformers":

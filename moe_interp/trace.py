@@ -81,6 +81,13 @@ def trace(
     _check_lengths(hf, encoded, prompts)
     span_names = tuple(n for n in ("context", "answer") if any(n in e.spans for e in encoded))
 
+    rows = hf.get_input_embeddings().weight.shape[0]
+    too_big = max(max(e.ids) for e in encoded)
+    if too_big >= rows:
+        raise InputError(
+            f"the tokenizer produced token id {too_big} but the model's embedding has {rows} rows: "
+            "the tokenizer does not belong to this model"
+        )
     device = hf.get_input_embeddings().weight.device
     input_ids, mask = _pad(encoded, tokenizer, device)
     rec = Recorder(arch, moe_layers, mask.flatten().bool().cpu(), expert_outputs)
