@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,nnsight,lens]"
+	$(PY) -m pip install -q -e ".[dev,nnsight,lens,figures]"
 	touch $@
 
 .PHONY: setup demo test lint

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from moe_interp.demo import load_demo, load_split
-from moe_interp.plotting import plot_selection_heatmap
+from moe_interp.plotting import plot_selection_heatmap, save_figure
 from moe_interp.prompts import build_prompt
 from moe_interp.trace import trace
 
@@ -72,8 +72,8 @@ def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figur
         layers=first_traced.layers,
         title=f"Demo OLMoE: expert selection share over prompt tokens ({len(records)} conflict-test prompts)",
     )
-    fig.write_html(out / "demo_routing_heatmap.html", include_plotlyjs=True)
-    first_traced.plot_routing(example).write_html(out / "demo_token_routing.html", include_plotlyjs=True)
+    written = save_figure(fig, out / "demo_routing_heatmap")
+    written += save_figure(first_traced.plot_routing(example), out / "demo_token_routing")
 
     share = counts["all"].float() / counts["all"].sum(1, keepdim=True)
     lines = [
@@ -103,7 +103,7 @@ def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figur
         f"greedy next token matches the context's answer (Pc, first token): {pc / len(records):.3f}",
         f"greedy next token matches the memorised answer (Po, first token): {po / len(records):.3f}",
         "",
-        f"wrote {out / 'demo_routing_heatmap.html'}, {out / 'demo_token_routing.html'}",
+        "wrote " + ", ".join(str(p) for p in written),
         f"total time {time.perf_counter() - start:.1f}s",
     ]
     summary = "\n".join(lines) + "\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import plotly.graph_objects as go
@@ -12,7 +14,25 @@ if TYPE_CHECKING:
     from moe_interp.moetrace import MoETrace
 
 TEMPLATE = "plotly_white"
+SPAN_COLOURS = ("#e45756", "#2ca02c", "#9467bd")
 FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
+
+
+def save_figure(fig: go.Figure, stem: str | Path, *, png: bool = True, scale: float = 2.0) -> list[Path]:
+    """Write ``stem.html`` (interactive, plotly.js embedded: works offline) and, when a static exporter is
+    available (kaleido with a Chrome/Chromium), ``stem.png``. Returns the paths written.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = [stem.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs=True)
+    if png:
+        try:
+            fig.write_image(stem.with_suffix(".png"), scale=scale)
+            written.append(stem.with_suffix(".png"))
+        except Exception as exc:  # noqa: BLE001 - kaleido / Chrome missing: HTML is still there
+            warnings.warn(f"PNG export skipped for {stem.name} ({type(exc).__name__}: {exc})", stacklevel=2)
+    return written
 
 
 def _style(fig: go.Figure, title: str, height: int, width: int | None = None) -> go.Figure:
@@ -90,7 +110,7 @@ def plot_token_routing(trace: MoETrace, example: int = 0, *, max_tokens: int = 1
         ]
         for lay in range(idx.shape[0])
     ]
-    labels = [t.strip() or repr(t) for t in tokens]
+    labels = [t.strip() or t.replace("\n", "⏎").replace(" ", "␣") for t in tokens]
     x = list(range(n))
     palette = _palette(trace.num_experts)
     fig = go.Figure(
@@ -110,29 +130,31 @@ def plot_token_routing(trace: MoETrace, example: int = 0, *, max_tokens: int = 1
             ),
         )
     )
-    for name, colour in zip(trace.span_names, ("#d62728", "#2ca02c", "#9467bd"), strict=False):
+    n_layers = len(trace.layers)
+    for name, colour in zip(trace.span_names, SPAN_COLOURS, strict=False):
         for t in range(n):
-            if spans[t] == name:
+            if spans[t] == name:  # a band under the grid marks the token's (innermost) span
                 fig.add_shape(
                     type="rect",
                     x0=t - 0.5,
                     x1=t + 0.5,
-                    y0=-0.5,
-                    y1=len(trace.layers) - 0.5,
-                    line=dict(color=colour, width=1),
-                    fillcolor="rgba(0,0,0,0)",
+                    y0=n_layers - 0.45,
+                    y1=n_layers - 0.15,
+                    line=dict(width=0),
+                    fillcolor=colour,
                 )
         fig.add_trace(
             go.Scatter(
                 x=[None],
                 y=[None],
                 mode="markers",
-                name=name,
-                marker=dict(symbol="square-open", color=colour, size=12),
+                name=f"{name} span",
+                marker=dict(symbol="square", color=colour, size=12),
             )
         )
+    fig.update_yaxes(range=[n_layers - 0.1, -0.5])
     fig.update_xaxes(tickvals=x, ticktext=labels, tickangle=-60, title="token", showgrid=False)
-    fig.update_yaxes(title="MoE layer", autorange="reversed", showgrid=False)
+    fig.update_yaxes(title="MoE layer", showgrid=False, zeroline=False)
     fig.update_layout(legend=dict(orientation="h", y=1.02, x=1, xanchor="right", yanchor="bottom"))
     title = (
         title or f"Per-token routing, prompt {example} (colour = top-1 expert; hover for top-{trace.top_k})"
