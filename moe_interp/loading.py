@@ -23,10 +23,12 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     tokenizer: bool = True,
+    require_moe: bool = False,
 ):
     """Load a causal LM (and its tokenizer) from a local folder with ``from_pretrained``.
 
-    Only safetensors weights are read (a folder holding only pickled ``.bin`` / ``.pt`` weights is refused),
+    With ``require_moe=True`` the config's ``model_type`` is checked against the registered MoE architectures
+    before any weight is read. Only safetensors weights are read (a folder holding only pickled ``.bin`` / ``.pt`` weights is refused),
     nothing is downloaded, and the model's own Python code runs only with ``trust_remote_code=True``.
 
     Returns:
@@ -43,6 +45,12 @@ def load_model(
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict) or "model_type" not in config:
         raise DataError(f"{folder / 'config.json'} has no 'model_type': not a transformers config")
+    if require_moe:
+        from types import SimpleNamespace
+
+        from moe_interp.architectures import get_architecture
+
+        get_architecture(SimpleNamespace(model_type=config["model_type"]))
     if config.get("auto_map") and not trust_remote_code:
         raise InputError(
             f"{folder / 'config.json'} asks for the model's own code (auto_map); pass trust_remote_code=True "

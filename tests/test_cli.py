@@ -1,0 +1,91 @@
+"""The command line as a newcomer uses it: help everywhere, one-line errors with exit 2, config files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model
+
+from moe_interp import cli
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "moe_interp.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", sorted(cli._COMMANDS))
+def test_help_everywhere(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main([name, "--help"])
+    assert info.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_architectures_lists_every_type(capsys):
+    from moe_interp import supported_architectures
+
+    assert cli.main(["architectures"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in supported_architectures())
+
+
+def test_errors_are_one_line_with_exit_2():
+    missing = run("trace", "--model", "/does/not/exist", "--prompt", "hi")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "moe-interp trace: error: model folder /does/not/exist does not exist"
+    ]
+    bad_flag = run("trace", "--bogus")
+    assert bad_flag.returncode == 2 and "unrecognized arguments: --bogus" in bad_flag.stderr
+    assert "Traceback" not in missing.stderr + bad_flag.stderr
+
+
+def test_traceback_on_request(tmp_path):
+    res = run("--traceback", "trace", "--model", str(tmp_path / "nope"), "--prompt", "hi")
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_trace_a_local_model_folder_with_a_config_file(tmp_path, tokenizer, capsys):
+    folder = tmp_path / "model"
+    make_model("qwen2_moe").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = tmp_path / "opts.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model": str(folder),
+                "context": "Eiffel Tower is in Paris",
+                "answer": "Paris",
+                "no_figures": True,
+            }
+        )
+    )
+    out = tmp_path / "out"
+    code = cli.main(
+        ["trace", "--config", str(config), "--prompt", "The Eiffel Tower is in Paris.", "--out", str(out)]
+    )
+    assert code == 0, capsys.readouterr()
+    assert (out / "trace" / "tensors.safetensors").is_file() and (out / "routing.csv").is_file()
+    assert "MoE layers [0, 2]" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"modle": "x"}))
+    assert cli.main(["trace", "--config", str(bad), "--prompt", "x"]) == 2
+    assert "unknown option(s) ['modle']" in capsys.readouterr().err
+
+
+def test_unsupported_model_is_a_one_line_error(tmp_path, tokenizer):
+    import transformers
+
+    folder = tmp_path / "llama"
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    res = run("trace", "--model", str(folder), "--prompt", "hello there")
+    assert res.returncode == 2
+    assert "model type 'llama' is not a supported MoE architecture" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
