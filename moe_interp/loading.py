@@ -27,9 +27,10 @@ def load_model(
 ):
     """Load a causal LM (and its tokenizer) from a local folder with ``from_pretrained``.
 
-    With ``require_moe=True`` the config's ``model_type`` is checked against the registered MoE architectures
-    before any weight is read. Only safetensors weights are read (a folder holding only pickled ``.bin`` / ``.pt`` weights is refused),
-    nothing is downloaded, and the model's own Python code runs only with ``trust_remote_code=True``.
+    Only safetensors weights are read (a folder holding only pickled ``.bin`` / ``.pt`` weights is refused),
+    nothing is downloaded, and the model's own Python code runs only with ``trust_remote_code=True``. With
+    ``require_moe=True`` the config's ``model_type`` is checked against the registered MoE architectures
+    before any weight is read.
 
     Returns:
         ``(model, tokenizer)`` in eval mode (``tokenizer`` is None when ``tokenizer=False``).
