@@ -4,18 +4,20 @@ The model keeps running its own attention function (sdpa, flash, eager, ...). Fo
 each attention module sees a copy of its config whose ``_attn_implementation`` names a wrapper registered
 in transformers' ``AttentionInterface``. The wrapper calls the original function with the unchanged
 arguments (so outputs are bit-identical) and, from the same post-RoPE queries and keys and the same mask,
-computes attention probabilities for the recorded query rows in float32.
+computes attention probabilities for the recorded query rows (all, or only those asked for) in float32.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from importlib import import_module
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from moe_interp.errors import InputError
 from moe_interp.hooks import ModelPatch
 
 _WRAPPER_PREFIX = "moe_interp_record|"
@@ -71,11 +73,18 @@ def attention_probs(
 class AttentionRecorder:
     """Installs the recording wrapper on attention modules for the life of a :class:`ModelPatch`.
 
-    ``on_probs(layer_number, probs)`` receives [batch, heads, q_len, k_len] float32 for every layer.
+    ``on_probs(layer_number, probs)`` receives float32 probabilities for every attention layer:
+    [batch, heads, q_len, k_len] for all query rows, or [batch, heads, R, k_len] when ``rows`` ([batch, R]
+    query positions) is given, in which case only those rows are computed.
     """
 
-    def __init__(self, on_probs: Callable[[int, torch.Tensor], None]) -> None:
+    def __init__(
+        self, on_probs: Callable[[int, torch.Tensor], None], rows: torch.Tensor | None = None
+    ) -> None:
+        if rows is not None and rows.dim() != 2:
+            raise InputError(f"rows must be [batch, n_rows] positions, got shape {tuple(rows.shape)}")
         self.on_probs = on_probs
+        self.rows = rows.long() if rows is not None else None
 
     def install(self, patch: ModelPatch, attention_modules: list[tuple[int, nn.Module]]) -> None:
         configs: dict[int, object] = {}
@@ -83,15 +92,63 @@ class AttentionRecorder:
             config = getattr(module, "config", None)
             if config is None or not hasattr(config, "_attn_implementation"):
                 continue
-            original = config._attn_implementation or "eager"
-            name = _register_wrapper(original)
             if id(config) not in configs:
                 wrapped = copy.copy(config)
                 # Bypass the property setter: it would recurse into sub-configs shared with the original.
-                wrapped.__dict__["_attn_implementation_internal"] = name
+                wrapped.__dict__["_attn_implementation_internal"] = _register_wrapper(
+                    config._attn_implementation or "eager"
+                )
                 configs[id(config)] = wrapped
             patch.set_attr(module, "config", configs[id(config)])
             patch.set_attr(module, _TAG, (self, number))
+
+    def compute(self, module, query, key, attention_mask, scaling, kwargs: dict) -> torch.Tensor:
+        """Probabilities of the recorded query rows (see :func:`attention_probs`)."""
+        window = kwargs.get("sliding_window")
+        if self.rows is not None:
+            query, attention_mask = select_rows(query, attention_mask, self.rows, window)
+        return attention_probs(
+            module,
+            query,
+            key,
+            attention_mask,
+            scaling,
+            sliding_window=window,
+            softcap=kwargs.get("softcap"),
+            sinks=kwargs.get("s_aux"),
+        )
+
+
+def select_rows(
+    query: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor, sliding_window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows and the matching mask rows.
+
+    Args:
+        query: [B, H, T, D]; attention_mask: None (plain causal), [B, K] (key padding, 1 = token) or
+            [B or 1, 1 or H, T, K] (bool or additive). rows: [B, R].
+
+    Returns:
+        query rows [B, H, R, D] and a mask [B, 1 or H, R, K] for :func:`attention_probs`.
+    """
+    b, h, t, d = query.shape
+    rows = rows.to(query.device)
+    if rows.shape[0] != b or int(rows.max()) >= t or int(rows.min()) < 0:
+        raise InputError(
+            f"query rows {tuple(rows.shape)} (max {int(rows.max())}) do not fit queries [{b}, {t}]"
+        )
+    q = query.gather(2, rows[:, None, :, None].expand(b, h, rows.shape[1], d))
+    if attention_mask is None or attention_mask.dim() == 2:
+        k_pos = torch.arange(t, device=query.device)
+        allowed = k_pos[None, None, :] <= rows[:, :, None]  # [B, R, K]
+        if sliding_window is not None:
+            allowed = allowed & (rows[:, :, None] - k_pos[None, None, :] < sliding_window)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, :t].bool()
+        return q, allowed[:, None]
+    m = attention_mask.expand(b, -1, -1, -1)
+    idx = rows[:, None, :, None].expand(b, m.shape[1], rows.shape[1], m.shape[-1])
+    return q, m.gather(2, idx)
 
 
 _TAG = "_moe_interp_attention_recorder"
@@ -104,8 +161,6 @@ def _register_wrapper(original: str) -> str:
 
     def wrapper(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if original == "eager":
-            from importlib import import_module
-
             fn = import_module(type(module).__module__).eager_attention_forward
         else:
             fn = ALL_ATTENTION_FUNCTIONS[original]
@@ -114,15 +169,8 @@ def _register_wrapper(original: str) -> str:
         if tag is not None:
             recorder, layer = tag
             with torch.no_grad():
-                probs = attention_probs(
-                    module,
-                    query.detach(),
-                    key.detach(),
-                    attention_mask,
-                    scaling,
-                    sliding_window=kwargs.get("sliding_window"),
-                    softcap=kwargs.get("softcap"),
-                    sinks=kwargs.get("s_aux"),
+                probs = recorder.compute(
+                    module, query.detach(), key.detach(), attention_mask, scaling, kwargs
                 )
             recorder.on_probs(layer, probs)
         return out
