@@ -6,6 +6,7 @@ Backends (:mod:`moe_interp.backends`) feed them; :func:`moe_interp.trace` assemb
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -63,9 +64,9 @@ class Recorder:
         """Record the experts chosen and weights applied, from ``experts(hidden, indices, weights)``'s
         arguments, and (with expert outputs on) each chosen expert's output [B*T, k, d].
         """
-        forward, prefix = _forward_of(module)
-        bound = inspect.signature(forward).bind(*prefix, *args, **kwargs)
-        hidden, index, weights = list(bound.arguments.values())[len(prefix) : len(prefix) + 3]
+        forward = _forward_of(module)
+        bound = inspect.signature(forward).bind(*args, **kwargs)
+        hidden, index, weights = list(bound.arguments.values())[:3]
         if routing:
             self.put("indices", number, index)
             self.put("weights", number, weights)
@@ -74,7 +75,7 @@ class Recorder:
             d, k = hidden.shape[-1], index.shape[-1]
             flat = hidden.reshape(-1, d).repeat_interleave(k, dim=0)
             ones = torch.ones_like(weights.reshape(-1, 1))
-            each = forward(*prefix, flat, index.reshape(-1, 1), ones).reshape(-1, k, d)
+            each = forward(flat, index.reshape(-1, 1), ones).reshape(-1, k, d)
             self.data.setdefault("expert", {})[number] = each.detach().float().cpu()[self.valid]
 
     def _router_hook(self, number: int):
@@ -113,13 +114,16 @@ class Recorder:
         return torch.stack([w for w, _ in pairs]), torch.stack([i for _, i in pairs])
 
 
-def _forward_of(module) -> tuple:
-    """``module.forward`` and the positional prefix it needs: wrappers such as nnsight's replace it with a
-    plain function that takes the module itself first; accelerate's device hooks keep it bound.
+def _forward_of(module):
+    """The experts' forward to call for per-expert outputs: ``module.forward`` (it keeps accelerate's
+    device hooks), unless a wrapper such as nnsight's replaced it with a function whose signature starts
+    with ``self`` and that re-enters the hooks when called: then the class's own forward, bound.
     """
     forward = module.forward
     params = list(inspect.signature(forward).parameters)
-    return forward, ((module,) if params and params[0] == "self" else ())
+    if params and params[0] == "self":
+        return functools.partial(type(module).forward, module)
+    return forward
 
 
 class AttentionSink:
