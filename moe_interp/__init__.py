@@ -20,6 +20,12 @@ from moe_interp.routing import RoutingRule
 from moe_interp.trace import trace
 
 __all__ = [
+    "count_selections",
+    "evaluate",
+    "identify_experts",
+    "load_model",
+    "mask_experts",
+    "tune_routers",
     "MoEArchitecture",
     "MoEInterpError",
     "MoETrace",
@@ -35,9 +41,21 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    if name == "load_demo":  # imported on first use: the demo module reads package files
-        from moe_interp.demo import load_demo
+#: public names imported on first use (keeps ``import moe_interp`` light)
+_LAZY = {
+    "load_demo": "moe_interp.demo",
+    "load_model": "moe_interp.loading",
+    "evaluate": "moe_interp.evaluation",
+    "mask_experts": "moe_interp.routerlens",
+    "tune_routers": "moe_interp.routerlens",
+    "count_selections": "moe_interp.routerlens",
+    "identify_experts": "moe_interp.routerlens",
+}
 
-        return load_demo
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'moe_interp' has no attribute {name!r}")

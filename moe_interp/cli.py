@@ -147,6 +147,44 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- pipeline commands
+#: subcommands that hand their arguments to a pipeline module's ``main(argv)`` (its own --help applies)
+PIPELINES = {
+    "routerlens": (
+        "moe_interp.routerlens.run",
+        "Router Lens: tune routers, count selections, find CE/OE, compare",
+    ),
+    "attention": (
+        "moe_interp.analysis.run",
+        "attention amplification (CAG/AAG), logit lens (APG), attribution",
+    ),
+    "ceft": ("moe_interp.ceft.run", "CEFT and its baselines (FFT, RT, random experts, LoRA) on accelerate"),
+    "figures": ("moe_interp.figures", "regenerate every paper figure from the demo model into figures/"),
+}
+
+
+def _run_pipeline(module: str, argv: list[str]) -> int:
+    from importlib import import_module
+
+    try:
+        entry = import_module(module).main
+    except ModuleNotFoundError as exc:
+        raise MoEInterpError(f"{module} is not available in this installation ({exc})") from exc
+    result = entry(argv)
+    return result if isinstance(result, int) else 0
+
+
+def _config_to_argv(values: dict) -> list[str]:
+    argv: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value not in (False, None):
+            argv += [flag, str(value)]
+    return argv
+
+
 # ---------------------------------------------------------------------------------------------- plumbing
 def _read_config(path: str) -> dict:
     file = Path(path)
@@ -176,13 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
         sub = subs.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", help="JSON or TOML file of option values (flags take precedence)")
         arguments(sub)
+    for name, (_, help_text) in PIPELINES.items():
+        sub = subs.add_parser(name, help=help_text, add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command not in PIPELINES and extra:
+        parser.parse_args(argv)  # reports the unrecognised arguments, exit 2
     try:
+        if args.command in PIPELINES:
+            rest = list(args.rest) + extra
+            if "--config" in rest:
+                at = rest.index("--config")
+                if at + 1 >= len(rest):
+                    raise MoEInterpError("--config needs a file name")
+                rest = _config_to_argv(_read_config(rest[at + 1])) + rest[:at] + rest[at + 2 :]
+            return _run_pipeline(PIPELINES[args.command][0], rest)
         if getattr(args, "config", None):
             sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
             known = {a.dest for a in sub._actions}  # noqa: SLF001
@@ -193,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             sub.set_defaults(**values)
             args = parser.parse_args(argv)
         return _COMMANDS[args.command][2](args)
-    except (MoEInterpError, FileNotFoundError, ValueError, OSError) as exc:
+    except (MoEInterpError, FileNotFoundError, ValueError, OSError, KeyError) as exc:
         if args.traceback:
             raise
         print(f"moe-interp {args.command}: error: {exc}", file=sys.stderr)

@@ -24,6 +24,12 @@ def test_help_everywhere(name, capsys):
     assert "--config" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["routerlens", "attention"])
+def test_pipeline_commands_pass_through_their_help(name):
+    res = run(name, "--help")
+    assert res.returncode == 0 and "--out" in res.stdout
+
+
 def test_architectures_lists_every_type(capsys):
     from moe_interp import supported_architectures
 
