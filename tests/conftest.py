@@ -127,8 +127,9 @@ def make_model(model_type: str, attn: str = "sdpa", seed: int = 0, dtype=torch.f
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight", "router.layer.weight")):
                 p.normal_(0, 0.5)
+        for name, b in model.named_buffers():  # DeepSeek-V3's choice-only bias is a buffer
             if name.endswith("e_score_correction_bias"):
-                p.normal_(0, 0.1)
+                b.normal_(0, 0.1)
     return model.eval()
 
 
