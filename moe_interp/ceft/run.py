@@ -1,0 +1,179 @@
+"""CEFT and its baselines on the demo model, checkpointed and resumable.
+
+    python -m moe_interp.ceft.run --out runs/ceft
+
+1. CE: ``--experts`` (a Router Lens ``experts_*.json``), else ``runs/routerlens/experts_count_all.json`` if
+   it exists, else computed here with Router Lens (router tuning on ``conflict_tune``, selection counts,
+   the paper's ``count`` rule) into ``<out>/routerlens/``;
+2. train CEFT, FFT, RT, random experts (same count per layer, seeded), LoRA on all experts (and CEFT-LoRA
+   with ``--ceft-lora``) on ``conflict_tune`` with the same data, epochs and batch size (dev loss on
+   ``conflict_dev`` picks the best epoch); each into ``<out>/<method>/``;
+3. evaluate Base and every method on ``conflict_test`` (EM / F1 / Pc / Po) and closed-book on memorised
+   facts (forgetting); ``rows.csv``, ``table.csv``, ``table.md``, ``figure.html`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moe_interp.ceft.engine import CEFTConfig, CEFTResult, train
+from moe_interp.ceft.report import evaluate_methods, figure, markdown_table, paper_table
+from moe_interp.ceft.targets import (
+    Method,
+    ceft,
+    count_parameters,
+    full_fine_tuning,
+    load_experts,
+    lora_all_experts,
+    random_experts_method,
+    router_tuning,
+)
+from moe_interp.ceft.train import config_args, config_from, load_model
+from moe_interp.routerlens.data import demo_examples, to_examples
+
+DEFAULT_CE = Path("runs/routerlens/experts_count_all.json")
+
+
+def _log(msg: str) -> None:
+    print(f"[ceft {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def find_ce(args: argparse.Namespace, model, tok, train_ex, dev_ex, out: Path) -> tuple[dict, str]:
+    """The CE set and where it came from."""
+    if args.experts:
+        return load_experts(args.experts), str(args.experts)
+    if DEFAULT_CE.is_file():
+        return load_experts(DEFAULT_CE), str(DEFAULT_CE)
+    own = out / "routerlens" / "experts_count_all.json"
+    if not own.is_file():
+        from moe_interp.routerlens import (
+            applied_router_weights,
+            count_selections,
+            identify_experts,
+            tune_routers,
+        )
+
+        _log("no Router Lens output: router tuning + selection counts (routerlens defaults) for the CE")
+        rt = tune_routers(model, tok, train_ex, dev_ex, out=out / "routerlens" / "rt", progress=False)
+        with applied_router_weights(model, rt.weights):
+            counts = count_selections(model, tok, train_ex, spans=("all",), batch_size=32, progress=False)
+        identify_experts(counts, span="all", method="count").save(own)
+    return load_experts(own), str(own)
+
+
+def parse_lrs(text: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        out[name.strip()] = float(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/ceft")
+    p.add_argument("--model", default=None, help="a saved model + tokenizer folder (default: demo model)")
+    p.add_argument("--experts", default=None, help="Router Lens experts JSON (default: see above)")
+    p.add_argument("--lrs", default="FFT=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3",
+                   help="per-method learning rates NAME=LR (others: --lr)")
+    p.add_argument("--random-seeds", default="0", help="comma-separated seeds of random-expert controls")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--ceft-lora", action="store_true", help="also train LoRA on the CE")
+    p.add_argument("--methods", default=None, help="comma-separated subset of method names")
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--memorised-limit", type=int, default=400)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    config_args(p)
+    p.set_defaults(lr=1e-3, epochs=3, batch_size=16, threads=1)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model)
+    from moe_interp.architectures import get_architecture
+
+    n_experts = get_architecture(model).num_experts(model.config)
+    train_ex, dev_ex = demo_examples("conflict_tune"), demo_examples("conflict_dev")
+    ce, ce_source = find_ce(args, model, tok, train_ex, dev_ex, out)
+    _log(f"CE from {ce_source}: {ce}")
+
+    lrs = parse_lrs(args.lrs)
+    methods: list[Method] = [
+        ceft(ce),
+        full_fine_tuning(),
+        router_tuning(),
+        *[random_experts_method(ce, n_experts, int(s)) for s in args.random_seeds.split(",") if s.strip()],
+        lora_all_experts(args.lora_rank),
+    ]
+    if args.ceft_lora:
+        methods.append(ceft(ce, lora_rank=args.lora_rank))
+    if args.methods:
+        keep = {m.strip() for m in args.methods.split(",")}
+        methods = [m for m in methods if m.name in keep]
+    cfg = config_from(args)
+    results: dict[str, CEFTResult | None] = {"Base": None}
+    for m in methods:
+        m = Method(m.name, m.kind, m.experts, m.lora_rank, m.lora_alpha, lrs.get(m.name, args.lr), m.meta)
+        _log(f"training {m.name} (lr {m.lr})")
+        res = train(model, tok, train_ex, dev_ex, method=m, config=cfg, out=out / m.name, progress=False)
+        results[m.name] = res
+        _log(f"    {m.name}: {res.trainable:,} trainable, best step {res.best_step}, dev loss "
+             f"{res.best_dev_loss:.4f}, {res.seconds:.0f} s")
+
+    from moe_interp.demo import load_split
+
+    mem_records = [r for r in load_split("memorised") if r.get("role") == "train"][: args.memorised_limit]
+    memorised = to_examples(mem_records)
+    datasets = {"conflict_test": demo_examples("conflict_test", args.test_limit), "memorised": memorised}
+    _log(f"evaluating {list(results)} on {[(k, len(v)) for k, v in datasets.items()]}")
+    rows = evaluate_methods(
+        model, tok, results, datasets, out=out / "eval", total=count_parameters(model),
+        max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+    )
+    table = paper_table(rows)
+    rows.to_csv(out / "rows.csv", index=False)
+    table.to_csv(out / "table.csv")
+    (out / "table.md").write_text(markdown_table(table))
+    figure(rows).write_html(out / "figure.html", include_plotlyjs="cdn")
+    command = "python -m moe_interp.ceft.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    report = _report(table, results, cfg, ce, ce_source, command, datasets)
+    (out / "report.md").write_text(report)
+    print(report)
+    return out
+
+
+def _report(table, results, cfg: CEFTConfig, ce, ce_source: str, command: str, datasets) -> str:
+    lines = [
+        "# CEFT and baselines on the demo model",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"CE ({ce_source}): {json.dumps({str(k): v for k, v in ce.items()})}",
+        f"Training: conflict_tune, dev conflict_dev; {json.dumps(cfg.to_dict())}",
+        "",
+        markdown_table(table),
+        "Per method: "
+        + "; ".join(
+            f"{n}: lr {r.method.lr}, best step {r.best_step}, dev loss {r.best_dev_loss:.4f}, "
+            f"{r.seconds:.0f} s"
+            for n, r in results.items()
+            if r is not None
+        ),
+        "",
+        f"n = {', '.join(f'{k} {len(v)}' for k, v in datasets.items())}. EM / F1 in %, greedy answers; "
+        "memorised = closed-book accuracy on memorised training facts (forgetting).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

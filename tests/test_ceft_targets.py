@@ -1,0 +1,116 @@
+"""CEFT targets and deltas: exact slices, exact counts, bit-identical untouched elements."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ceft_helpers import qa_records
+from conftest import make_model
+
+from moe_interp.architectures import get_architecture
+from moe_interp.ceft import (
+    CEFTConfig,
+    applied_deltas,
+    ceft,
+    count_trainable,
+    full_fine_tuning,
+    lora_all_experts,
+    merge_deltas,
+    random_experts,
+    resolve_targets,
+    router_tuning,
+    train,
+)
+from moe_interp.errors import InputError
+
+torch.set_num_threads(1)
+
+
+def _layers(model) -> list[int]:
+    return [m.number for m in get_architecture(model).moe_layers(model)]
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "dbrx", "gpt_oss", "qwen2_moe"])
+def test_trainable_counts_are_exact(model_type):
+    model = make_model(model_type)
+    arch = get_architecture(model)
+    layers = arch.moe_layers(model)
+    n_exp = arch.num_experts(model.config)
+    spec = {layers[0].number: [1, 3], layers[-1].number: [0]}
+    per_expert = sum(p.numel() for p in layers[0].experts.parameters()) // n_exp
+    assert count_trainable(resolve_targets(model, ceft(spec))) == 3 * per_expert
+    total = sum(p.numel() for p in model.parameters())
+    assert count_trainable(resolve_targets(model, full_fine_tuning())) == total
+    router = sum(p.numel() for m in layers for p in m.router.parameters())
+    assert count_trainable(resolve_targets(model, router_tuning())) == router
+    # LoRA: r * (a + b) per expert matrix, biases frozen
+    expected = sum(
+        n_exp * 2 * (p.shape[0] // n_exp + p.shape[-1])
+        if p.shape[0] != n_exp
+        else n_exp * 2 * (p.shape[-2] + p.shape[-1])
+        for m in layers
+        for p in m.experts.parameters()
+        if p.dim() - (p.shape[0] == n_exp) == 2
+    )
+    assert count_trainable(resolve_targets(model, lora_all_experts(2))) == expected
+
+
+def test_bad_specs_name_the_problem():
+    model = make_model("qwen2_moe")  # layer 1 is dense
+    with pytest.raises(InputError, match="layer 1"):
+        resolve_targets(model, ceft({1: [0]}))
+    with pytest.raises(InputError, match="expert id 9"):
+        resolve_targets(model, ceft({0: [9]}))
+    with pytest.raises(InputError, match="lora_rank"):
+        router_tuning(lora_rank=2)
+
+
+def test_random_experts_seeded_same_shape():
+    like = {0: [1, 2], 2: [5]}
+    a, b = random_experts(like, 8, seed=3), random_experts(like, 8, seed=3)
+    assert a == b and {k: len(v) for k, v in a.items()} == {0: 2, 2: 1}
+    assert random_experts(like, 8, seed=3, exclude=like)[0] not in ([1, 2],)
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "dbrx", "gpt_oss"])
+def test_ceft_changes_only_selected_slices(model_type, tokenizer):
+    """AdamW with weight decay and momentum: still only the chosen experts' slices change."""
+    model = make_model(model_type)
+    layers = _layers(model)
+    spec = {layers[0]: [1, 3]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = CEFTConfig(lr=1e-2, epochs=2, batch_size=4, weight_decay=0.1, warmup_ratio=0.0)
+    res = train(model, tokenizer, qa_records(8), method=ceft(spec), config=cfg, progress=False)
+    # the caller's model is untouched (same objects, same bits)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    merge_deltas(model, res.targets, res.deltas)
+    n_exp = get_architecture(model).num_experts(model.config)
+    touched = {t.name for t in res.targets}
+    changed_any = False
+    for name, p in model.named_parameters():
+        if name not in touched:
+            assert torch.equal(before[name], p), name
+            continue
+        new = p.detach().reshape(n_exp, -1)
+        old = before[name].reshape(n_exp, -1)
+        for e in range(n_exp):
+            if e in spec[layers[0]]:
+                changed_any |= not torch.equal(new[e], old[e])
+            else:
+                assert torch.equal(new[e], old[e]), (name, e)
+    assert changed_any
+    assert res.trainable == count_trainable(res.targets)
+
+
+def test_applied_deltas_restores_and_matches_training_forward(tokenizer):
+    model = make_model("olmoe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = CEFTConfig(lr=1e-2, epochs=1, batch_size=4)
+    for method in (ceft({0: [2]}, lora_rank=2), lora_all_experts(2), router_tuning(), full_fine_tuning()):
+        res = train(model, tokenizer, qa_records(8), method=method, config=cfg, progress=False)
+        ids = torch.randint(0, 500, (2, 7))
+        with applied_deltas(model, res.source):
+            merged = model(input_ids=ids).logits
+            assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), method.name
+        assert merged.isfinite().all()
