@@ -59,12 +59,13 @@ class ModelPatch:
 
     def eval_mode(self, model: nn.Module) -> None:
         """Put every submodule in eval mode until exit, restoring each module's own flag."""
-        flags = [(m, m.training) for m in model.modules()]
-        model.eval()
+        flipped = [m for m in model.modules() if m.training]
+        for module in flipped:
+            module.training = False
 
         def undo() -> None:
-            for module, flag in flags:
-                module.training = flag
+            for module in flipped:
+                module.training = True
 
         self._undo.append(undo)
 

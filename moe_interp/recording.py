@@ -64,9 +64,11 @@ class Recorder:
         """Record the experts chosen and weights applied, from ``experts(hidden, indices, weights)``'s
         arguments, and (with expert outputs on) each chosen expert's output [B*T, k, d].
         """
-        forward = _forward_of(module)
-        bound = inspect.signature(forward).bind(*args, **kwargs)
-        hidden, index, weights = list(bound.arguments.values())[:3]
+        if len(args) >= 3 and not kwargs:  # the usual positional call: no signature binding needed
+            hidden, index, weights = args[:3]
+        else:
+            bound = inspect.signature(_forward_of(module)).bind(*args, **kwargs)
+            hidden, index, weights = list(bound.arguments.values())[:3]
         if routing:
             self.put("indices", number, index)
             self.put("weights", number, weights)
@@ -75,7 +77,7 @@ class Recorder:
             d, k = hidden.shape[-1], index.shape[-1]
             flat = hidden.reshape(-1, d).repeat_interleave(k, dim=0)
             ones = torch.ones_like(weights.reshape(-1, 1))
-            each = forward(flat, index.reshape(-1, 1), ones).reshape(-1, k, d)
+            each = _forward_of(module)(flat, index.reshape(-1, 1), ones).reshape(-1, k, d)
             self.data.setdefault("expert", {})[number] = each.detach().float().cpu()[self.valid]
 
     def _router_hook(self, number: int):

@@ -115,7 +115,7 @@ def trace(
         num_experts=arch.num_experts(hf.config),
         top_k=k,
         prompts=prompts,
-        tokens=tokenizer.batch_decode([[i] for i in token_ids.tolist()]),
+        tokens=_token_strings(tokenizer, token_ids.tolist()),
         token_ids=token_ids,
         example=example,
         position=positions,
@@ -181,6 +181,14 @@ def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> 
         for name, spans in char_spans.items()
     }
     return _Encoded(ids, spans)
+
+
+def _token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """Each token decoded on its own (the Rust backend's batch decode where there is one: ~3x faster)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    return tokenizer.batch_decode([[i] for i in ids])
 
 
 def _quote(text: str | None, limit: int = 80) -> str:
