@@ -152,6 +152,19 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
     return out
 
 
+def trace_bytes(t: moe_interp.MoETrace) -> tuple[int, int]:
+    """(bytes of every tensor the trace holds, bytes of the data it must hold: router logits, chosen
+    experts and weights, attention to spans, next-token logits)."""
+    tensors = [v for v in vars(t).values() if isinstance(v, torch.Tensor)] + list(t.attention_maps or [])
+    held = sum(x.nbytes for x in tensors)
+    needed = sum(
+        x.nbytes
+        for x in (t.router_logits, t.topk_indices, t.topk_weights, t.attn_to_spans, t.next_token_logits)
+        if x is not None
+    )
+    return held, needed
+
+
 def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per variant, interleaved."""
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -165,14 +178,14 @@ def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--models", default="demo,olmoe,deepseek_v3")
     parser.add_argument("--shapes", default="1x64,8x256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/trace_overhead.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
@@ -191,6 +204,21 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 med = measure(_variants(model, tok, prompts, contexts, answers, Path(folder)), args.reps)
             base = med["plain forward"]
+            t = moe_interp.trace(model, prompts, context=contexts, answer=answers, tokenizer=tok)
+            held, needed = trace_bytes(t)
+            results.setdefault("memory", []).append(
+                dict(
+                    model=kind,
+                    shape=shape,
+                    held_bytes=held,
+                    needed_bytes=needed,
+                    ratio=round(held / needed, 3),
+                )
+            )
+            print(
+                f"{kind:12s} {shape:7s} trace holds {held / 1e6:.2f} MB for {needed / 1e6:.2f} MB of "
+                f"routing + attention-to-span data: x{held / needed:.2f}"
+            )
             for name, sec in med.items():
                 row = dict(
                     model=kind, shape=shape, variant=name, ms=round(sec * 1e3, 2), ratio=round(sec / base, 3)

@@ -1,0 +1,28 @@
+"""The benchmarks run at a tiny size, so they cannot rot (their numbers live in the README, not here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trace_overhead_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    _load("trace_overhead").main(
+        ["--reps", "1", "--models", "olmoe", "--shapes", "1x16", "--threads", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    variants = {r["variant"] for r in result["rows"]}
+    assert {"plain forward", "trace: routing", "trace: routing + attention to spans"} <= variants
+    assert all(r["ratio"] > 0 for r in result["rows"])
+    assert result["memory"][0]["ratio"] >= 1
