@@ -135,6 +135,7 @@ def attached_deltas(model: nn.Module, targets: Sequence[DeltaTarget], seed: int 
     generator = torch.Generator().manual_seed(seed)
     modules: dict[str, DeltaParametrization] = {}
     registered: list[tuple[nn.Module, str]] = []
+    orders: dict[int, tuple[nn.Module, list[str]]] = {}
     try:
         for p in params.values():
             p.requires_grad_(False)
@@ -144,12 +145,18 @@ def attached_deltas(model: nn.Module, targets: Sequence[DeltaTarget], seed: int 
                 raise InputError(f"target {t.name} has shape {t.shape}, the model's {tuple(p.shape)}")
             m = modules[t.name] = DeltaParametrization(t, p.device, generator)
             for module, attr in owners[id(p)]:
+                orders.setdefault(id(module), (module, list(module._parameters)))
                 parametrize.register_parametrization(module, attr, m, unsafe=True)
                 registered.append((module, attr))
         yield DeltaSet(targets, modules)
     finally:
         for module, attr in reversed(registered):
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        for module, order in orders.values():  # removal re-registers at the end: restore the order
+            current = module._parameters
+            ordered = {k: current[k] for k in order if k in current} | current
+            current.clear()
+            current.update(ordered)
         for n, p in model.named_parameters():
             if n in flags:
                 p.requires_grad_(flags[n])

@@ -1,0 +1,135 @@
+"""No public entry point changes the caller's model, whether it returns or raises (KeyboardInterrupt too)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import make_model
+
+import moe_interp
+from moe_interp.data import QAExample
+
+EXAMPLES = [
+    QAExample(
+        id=f"e{i}",
+        context=f"The capital of Xland is Paris{i % 2}.",
+        question="The capital of Xland is",
+        answers=(f"Paris{i % 2}",),
+        memorised_answer="Rome",
+        counterfactual_answer=f"Paris{i % 2}",
+        source="test",
+    )
+    for i in range(4)
+]
+PROMPT = "Context: The Eiffel Tower is in Paris. Answer:"
+
+
+def _entry_points() -> dict[str, Callable]:
+    from moe_interp import analysis, routerlens
+    from moe_interp.ceft import engine, targets
+
+    def ceft(model, tok):
+        arch = moe_interp.get_architecture(model)
+        spec = {layer.number: [0, 1] for layer in arch.moe_layers(model)}
+        engine.train(
+            model,
+            tok,
+            EXAMPLES,
+            EXAMPLES[:2],
+            method=targets.ceft(spec),
+            config=engine.CEFTConfig(epochs=1, batch_size=2),
+            progress=False,
+        )
+
+    def masked_trace(model, tok):
+        with routerlens.mask_experts(model, {0: [0]}):
+            moe_interp.trace(model, PROMPT, tokenizer=tok)
+
+    return {
+        "trace": lambda m, t: moe_interp.trace(
+            m,
+            PROMPT,
+            context="The Eiffel Tower is in Paris.",
+            answer="Paris",
+            tokenizer=t,
+            expert_outputs=True,
+            full_attention=True,
+        ),
+        "mask_experts": masked_trace,
+        "tune_routers": lambda m, t: routerlens.tune_routers(
+            m,
+            t,
+            EXAMPLES,
+            EXAMPLES[:2],
+            config=routerlens.RouterTuningConfig(epochs=1, batch_size=2),
+            progress=False,
+        ),
+        "count_selections": lambda m, t: routerlens.count_selections(m, t, EXAMPLES, progress=False),
+        "evaluate": lambda m, t: moe_interp.evaluate(m, t, EXAMPLES, max_new_tokens=2, progress=False),
+        "span_attention": lambda m, t: analysis.span_attention(m, t, EXAMPLES),
+        "answer_lens": lambda m, t: analysis.answer_lens(m, t, EXAMPLES),
+        "masking_effects": lambda m, t: analysis.masking_effects(m, t, EXAMPLES[:2], layers=[0]),
+        "gradient_effects": lambda m, t: analysis.gradient_effects(m, t, EXAMPLES[:2]),
+        "ceft_train": ceft,
+    }
+
+
+ENTRY_POINTS = sorted(_entry_points())
+
+
+def _state(model) -> tuple:
+    return (
+        sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in model.modules()
+        ),
+        [m.training for m in model.modules()],
+        [id(getattr(m, "config", None)) for m in model.modules()],
+        model.config._attn_implementation,
+        getattr(model.config, "_experts_implementation", None),
+        [(n, p.requires_grad, id(p)) for n, p in model.named_parameters()],
+        [p.grad is None for p in model.parameters()],
+    )
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(before: tuple, weights: dict, model) -> None:
+    assert _state(model) == before
+    after = model.state_dict()
+    assert after.keys() == weights.keys()
+    assert all(torch.equal(after[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_model_unchanged(name, outcome, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = make_model("olmoe")
+    model.train()
+    model.model.layers[0].requires_grad_(False)
+    before, weights = _state(model), _weights(model)
+    fn = _entry_points()[name]
+    if outcome == "returns":
+        fn(model, tokenizer)
+    else:
+        calls = {"n": 0}
+
+        def interrupt(module, args):
+            calls["n"] += 1
+            if calls["n"] >= 1:
+                raise KeyboardInterrupt
+
+        handle = model.model.layers[1].mlp.register_forward_pre_hook(interrupt)
+        before = _state(model)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                fn(model, tokenizer)
+        finally:
+            handle.remove()
+        before = (before[0] - 1, *before[1:])
+    _same(before, weights, model)
