@@ -92,7 +92,7 @@ def test_splits_present_and_disjoint() -> None:
     groups = {
         "memorised": subjects["memorised"],
         "context_pool": subjects["context_pool"],
-        "held_out": subjects["support_test"] | subjects["support_dev"],
+        "held_out": subjects["support_test"] | subjects["support_test_distractor"] | subjects["support_dev"],
     }
     names = list(groups)
     for i, a in enumerate(names):
@@ -109,7 +109,10 @@ def test_splits_present_and_disjoint() -> None:
             conflict_ids.append(r["id"])
     assert len(conflict_ids) == len(set(conflict_ids))
     assert len(data["conflict_test"]) >= 300 and 500 <= len(data["conflict_tune"]) <= 1000
-    for r in data["support_test"]:
+    assert [r["id"] for r in data["support_test"]] == [r["id"] for r in data["support_test_distractor"]]
+    assert all(r["n_distractors"] == 0 for r in data["support_test"])
+    assert all(r["n_distractors"] == 1 for r in data["support_test_distractor"])
+    for r in data["support_test"] + data["support_test_distractor"]:
         assert r["context_answer"] == r["true_object"]
         assert f"{r['question']} {r['true_object']}." in r["context"]
 
