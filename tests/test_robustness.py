@@ -169,3 +169,23 @@ def test_padding_never_enters_statistics(tokenizer, lengths):
 
 
 _MODEL = make_model("olmoe")
+
+
+def test_answers_never_in_contexts_is_a_clear_error(tokenizer):
+    from moe_interp.analysis import span_attention
+    from moe_interp.data import QAExample
+
+    examples = [
+        QAExample(
+            id=f"x{i}",
+            context="The sky is blue.",
+            question="Where is it?",
+            answers=("Paris",),
+            memorised_answer=None,
+            counterfactual_answer=None,
+            source="test",
+        )
+        for i in range(3)
+    ]
+    with pytest.raises(DataError, match="none of the 3 examples .first id 'x0'"):
+        span_attention(_MODEL, tokenizer, examples)

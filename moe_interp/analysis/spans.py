@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from moe_interp.analysis.encode import SPAN_NAMES, Batch, batches, model_device
 from moe_interp.analysis.rows import RowAttentionRecorder
 from moe_interp.architectures import get_architecture
-from moe_interp.errors import InputError
+from moe_interp.errors import DataError, InputError
 from moe_interp.hooks import ModelPatch
 
 Query = Literal["last", "answer"]
@@ -143,16 +143,24 @@ def span_attention(
     if keep not in ("examples", "mean"):
         raise InputError(f"keep must be 'examples' or 'mean', got {keep!r}")
     total, n, layers, chunks, ids = None, 0, None, [], []
+    with_answer_span, first_id = 0, None
     stream = batches(tokenizer, examples, batch_size, template=template, with_answer=query == "answer")
     for batch in tqdm(stream, desc="attention", unit="batch", disable=not progress):
         layers, a = batch_span_attention(model, batch, query)
         total = a.double().sum(0) if total is None else total + a.double().sum(0)
         n += a.shape[0]
+        with_answer_span += sum(bool(e.spans.get("answer")) for e in batch.items)
+        first_id = first_id if first_id is not None else batch.items[0].id
         if keep == "examples":
             chunks.append(a)
             ids.extend(e.id for e in batch.items)
     if total is None or layers is None:
         raise InputError("examples is empty")
+    if with_answer_span == 0:
+        raise DataError(
+            f"the answer occurs in the context of none of the {n} examples (first id {first_id!r}): "
+            "attention to the answer span (AAG) is undefined; check the data set's answer and context fields"
+        )
     per = torch.cat(chunks) if keep == "examples" else None
     return SpanAttention(layers, SPAN_NAMES, total, n, per, ids, query)
 
