@@ -47,6 +47,8 @@ class MoEArchitecture:
         shared_expert_gate: a ``Linear -> 1`` whose sigmoid scales the shared expert's output.
         expert_outputs: whether per-expert outputs can be computed by calling
             ``experts.forward(hidden, one_index, ones)``.
+        extra_routers: further routers per decoder layer, as (name, path from the decoder layer), recorded
+            with the same ``router_output`` layout and ``rule`` (JetMoE's attention experts).
     """
 
     model_type: str
@@ -61,6 +63,7 @@ class MoEArchitecture:
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
     expert_outputs: bool = True
+    extra_routers: tuple[tuple[str, str], ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "top_k", "moe_top_k")
 
@@ -106,6 +109,18 @@ class MoEArchitecture:
                 f"model of type {self.model_type!r} has no MoE layer at "
                 f"{self.layers}[i].{self.block}.{self.router}"
             )
+        return found
+
+    def extra_router_modules(self, model: nn.Module) -> dict[str, list[tuple[int, nn.Module]]]:
+        """name -> (decoder-layer number, router) for each of ``extra_routers``."""
+        layers = get_path(model, self.layers, self.model_type)
+        found: dict[str, list[tuple[int, nn.Module]]] = {}
+        for name, path in self.extra_routers:
+            found[name] = [
+                (number, router)
+                for number, layer in enumerate(layers)
+                if (router := get_path(layer, path, self.model_type, missing_ok=True)) is not None
+            ]
         return found
 
     def attention_modules(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -271,6 +286,17 @@ for _arch in (
         applied="rule",
         shared_expert="shared_expert",
         expert_outputs=False,
+    ),
+    MoEArchitecture(
+        "jetmoe",
+        router="router",
+        experts="input_linear",  # JetMoE's experts are input_linear / output_linear with their own API
+        attention="self_attention",
+        router_output=("sorted_index", "token_index", "gates", "expert_size", "logits"),
+        rule=_TOPK_SOFTMAX,
+        applied="rule",
+        expert_outputs=False,
+        extra_routers=(("attention", "self_attention.experts.router"),),
     ),
 ):
     register_architecture(_arch)

@@ -89,6 +89,7 @@ def _run(backend: BackendName, model, hf: nn.Module, spec: ForwardSpec, remote: 
         patch.eval_mode(hf)
         if backend == "transformers":
             spec.recorder.install(patch)
+            spec.recorder.install_extra(patch, spec.arch.extra_router_modules(hf))
             _record_attention(patch, hf, spec)
             out = hf(input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False)
             _check_attention(hf, spec)
@@ -125,6 +126,7 @@ def _run_nnsight(model, hf: nn.Module, spec: ForwardSpec, patch: ModelPatch, rem
         )
     if not remote:
         rec.install(patch, routing=False)  # expert outputs only; routing comes from nnsight below
+        rec.install_extra(patch, arch.extra_router_modules(hf))
         _record_attention(patch, hf, spec)
     layers_envoy = _envoy(model, arch.layers)
     saved = []

@@ -59,6 +59,8 @@ class MoETrace:
     - ``expert_outputs`` [L, N, k, d], ``shared_outputs`` [L, N, d] (None without shared experts) and
       ``block_outputs`` [L, N, d]: only with ``expert_outputs=True``; sum_k w * expert + shared = block.
     - ``spans``: per prompt, span name -> list of [start, end) token positions within that prompt.
+    - ``extra_routing``: further routers (JetMoE's attention experts) by name -> ``layers`` [L'],
+      ``router_logits`` [L', N, E], ``topk_indices`` / ``topk_weights`` [L', N, k].
     """
 
     model_type: str
@@ -82,6 +84,7 @@ class MoETrace:
     attention_layers: list[int] = field(default_factory=list)
     attn_to_spans: torch.Tensor | None = None
     attention_maps: list[torch.Tensor] | None = None
+    extra_routing: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     expert_outputs: torch.Tensor | None = None
     shared_outputs: torch.Tensor | None = None
     block_outputs: torch.Tensor | None = None
@@ -184,8 +187,12 @@ class MoETrace:
         tensors = {n: getattr(self, n).contiguous() for n in _TENSOR_FIELDS if getattr(self, n) is not None}
         for i, amap in enumerate(self.attention_maps or []):
             tensors[f"attention_maps.{i}"] = amap.contiguous()
+        for name, parts in self.extra_routing.items():
+            for key, value in parts.items():
+                tensors[f"extra_routing.{name}.{key}"] = value.contiguous()
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSOR_FIELDS}
         meta.pop("attention_maps")
+        meta.pop("extra_routing")
         _atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, p))
         _atomic_write(path / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
         return path
@@ -204,10 +211,16 @@ class MoETrace:
         )
         meta["spans"] = [{k: [tuple(s) for s in v] for k, v in d.items()} for d in meta["spans"]]
         meta["span_names"] = tuple(meta["span_names"])
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("extra_routing."):
+                _, name, part = key.split(".", 2)
+                extra.setdefault(name, {})[part] = value
         return cls(
             **meta,
             **{n: tensors.get(n) for n in _TENSOR_FIELDS},
             attention_maps=[tensors[k] for k in maps] or None,
+            extra_routing=extra,
         )
 
 

@@ -53,10 +53,39 @@ class Recorder:
             if layer.shared_expert_gate is not None:
                 patch.forward_hook(layer.shared_expert_gate, self._output_hook("shared_gate", layer.number))
 
-    def put_router_output(self, number: int, output) -> None:
+    def put_router_output(self, number: int, output, kind: str = "logits") -> None:
         """Record the logits from a router's return value (a tensor or a tuple named by ``router_output``)."""
         values = output if isinstance(output, tuple) else (output,)
-        self.put("logits", number, values[self.arch.router_output.index("logits")])
+        self.put(kind, number, values[self.arch.router_output.index("logits")])
+
+    def install_extra(self, patch: ModelPatch, routers: dict[str, list[tuple[int, torch.nn.Module]]]) -> None:
+        """Record the logits of the architecture's further routers, as ``extra:<name>``."""
+        for name, pairs in routers.items():
+            for number, router in pairs:
+                patch.forward_hook(router, self._extra_hook(name, number))
+
+    def _extra_hook(self, name: str, number: int):
+        def hook(module, args, output):
+            self.put_router_output(number, output, kind=f"extra:{name}")
+
+        return hook
+
+    def extra_routing(self, config, top_k: int) -> dict[str, dict[str, torch.Tensor]]:
+        """name -> {"layers", "router_logits" [L', N, E], "topk_weights" / "topk_indices" [L', N, k]}."""
+        out = {}
+        for kind, per_layer in self.data.items():
+            if not kind.startswith("extra:"):
+                continue
+            numbers = sorted(per_layer)
+            logits = torch.stack([per_layer[n] for n in numbers])
+            pairs = [self.arch.rule.route(per_layer[n], config, top_k) for n in numbers]
+            out[kind.removeprefix("extra:")] = {
+                "layers": torch.tensor(numbers),
+                "router_logits": logits,
+                "topk_weights": torch.stack([w for w, _ in pairs]),
+                "topk_indices": torch.stack([i for _, i in pairs]),
+            }
+        return out
 
     def put_experts_input(
         self, number: int, module, args: tuple, kwargs: dict, *, routing: bool = True, outputs: bool = True

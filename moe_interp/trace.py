@@ -131,6 +131,7 @@ def trace(
         attention_layers=attn.layers if attn else [],
         attn_to_spans=attn.stack_spans() if attn and span_names else None,
         attention_maps=attn.maps(lengths) if attn and full_attention else None,
+        extra_routing=rec.extra_routing(hf.config, k),
         expert_outputs=rec.stack("expert") if expert_outputs else None,
         shared_outputs=rec.shared() if expert_outputs else None,
         block_outputs=rec.stack("block") if expert_outputs else None,

@@ -108,6 +108,7 @@ TINY = {
             moe_layers=[0, 2],
         ),
     ),
+    "jetmoe": ("JetMoeConfig", dict(num_local_experts=8, kv_channels=8, num_key_value_heads=4)),
 }
 #: the architectures built from plain ``_COMMON`` values (DBRX names its sizes differently)
 _OWN_SIZES = {"dbrx"}
@@ -125,7 +126,9 @@ def make_model(model_type: str, attn: str = "sdpa", seed: int = 0, dtype=torch.f
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
     with torch.no_grad():  # routers start at zero in some models: give them signal
         for name, p in model.named_parameters():
-            if name.endswith(("gate.weight", "router.weight", "router.layer.weight")):
+            if name.endswith(
+                ("gate.weight", "router.weight", "router.layer.weight")
+            ):  # (JetMoE: router.layer)
                 p.normal_(0, 0.5)
         for name, b in model.named_buffers():  # DeepSeek-V3's choice-only bias is a buffer
             if name.endswith("e_score_correction_bias"):

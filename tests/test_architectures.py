@@ -228,3 +228,44 @@ def test_bf16_model_records_float32_routing(tokenizer):
     t = moe_interp.trace(model, "The Eiffel Tower is in Paris", tokenizer=tokenizer)
     assert t.router_logits.dtype == t.topk_weights.dtype == t.router_probs.dtype == torch.float32
     assert t.near_tie.dtype == torch.bool
+
+
+def _dense_from_jetmoe(output, n_tokens: int, n_experts: int, k: int) -> torch.Tensor:
+    """JetMoE's router returns gates sorted by expert: rebuild the [T, E] weights."""
+    sorted_index, _, gates, expert_size, _ = output
+    experts = torch.repeat_interleave(torch.arange(n_experts), torch.tensor(expert_size))
+    dense = torch.zeros(n_tokens, n_experts)
+    dense[sorted_index // k, experts] = gates.float()
+    return dense
+
+
+def test_jetmoe_mlp_and_attention_experts_match_their_routers(tokenizer, tmp_path):
+    model = make_model("jetmoe")
+    arch = moe_interp.get_architecture(model)
+    got: dict[tuple[str, int], tuple] = {}
+    routers = [("mlp", m.number, m.router) for m in arch.moe_layers(model)]
+    routers += [("attention", n, r) for n, r in arch.extra_router_modules(model)["attention"]]
+    handles = [
+        r.register_forward_hook(lambda mod, a, o, key=(kind, n): got.__setitem__(key, o))
+        for kind, n, r in routers
+    ]
+    try:
+        t = moe_interp.trace(model, "The Eiffel Tower is in Paris", tokenizer=tokenizer)
+    finally:
+        for h in handles:
+            h.remove()
+    n, e, k = len(t.tokens), t.num_experts, t.top_k
+    for li, number in enumerate(t.layers):
+        dense = torch.zeros(n, e).scatter_(-1, t.topk_indices[li], t.topk_weights[li])
+        torch.testing.assert_close(
+            dense, _dense_from_jetmoe(got[("mlp", number)], n, e, k), atol=1e-6, rtol=0
+        )
+    extra = t.extra_routing["attention"]
+    for li, number in enumerate(extra["layers"].tolist()):
+        dense = torch.zeros(n, e).scatter_(-1, extra["topk_indices"][li], extra["topk_weights"][li])
+        torch.testing.assert_close(
+            dense, _dense_from_jetmoe(got[("attention", number)], n, e, k), atol=1e-6, rtol=0
+        )
+    t.save(tmp_path / "t")
+    again = moe_interp.MoETrace.load(tmp_path / "t")
+    assert torch.equal(again.extra_routing["attention"]["topk_indices"], extra["topk_indices"])

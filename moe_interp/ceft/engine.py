@@ -103,8 +103,9 @@ class CEFTConfig:
             if getattr(self, name) < 1:
                 raise InputError(f"CEFTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or not 0 <= self.warmup_ratio < 1:
-            raise InputError(f"CEFTConfig: need lr > 0 and 0 <= warmup_ratio < 1 (got {self.lr}, "
-                             f"{self.warmup_ratio})")
+            raise InputError(
+                f"CEFTConfig: need lr > 0 and 0 <= warmup_ratio < 1 (got {self.lr}, {self.warmup_ratio})"
+            )
         if self.batch_size % self.grad_accum:
             raise InputError(
                 f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"
@@ -290,8 +291,10 @@ def _check_or_write_meta(file: Path, meta: dict[str, Any], is_main: bool) -> Non
         new = json.loads(json.dumps(meta))
         if old != new:
             diff = sorted(k for k in new if old.get(k) != new[k])
-            raise InputError(f"{file.parent} holds a CEFT run with other settings (differs in {diff}); "
-                             "use another output folder")
+            raise InputError(
+                f"{file.parent} holds a CEFT run with other settings (differs in {diff}); "
+                "use another output folder"
+            )
     elif is_main:
         write_json_atomic(file, meta)
 
@@ -416,9 +419,7 @@ def train(
             else:
                 model.eval()  # deterministic: no dropout / router jitter
             params = deltas.parameters()
-            optimizer = torch.optim.AdamW(
-                params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
-            )
+            optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
             scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total), total)
             slots = _Slots(train_enc, order, micro, cfg.grad_accum)
             loader = torch.utils.data.DataLoader(
@@ -432,8 +433,24 @@ def train(
                 if ckpt is not None:
                     accelerator.load_state(str(ckpt))
                 best = _loop(
-                    accelerator, wrapped, model, deltas, optimizer, scheduler, loader, dev_enc, cfg, state,
-                    best, total, steps_per_epoch, keep_arg, pad, path, progress, callback,
+                    accelerator,
+                    wrapped,
+                    model,
+                    deltas,
+                    optimizer,
+                    scheduler,
+                    loader,
+                    dev_enc,
+                    cfg,
+                    state,
+                    best,
+                    total,
+                    steps_per_epoch,
+                    keep_arg,
+                    pad,
+                    path,
+                    progress,
+                    callback,
                 )
             finally:
                 for h in hooks:
@@ -547,9 +564,24 @@ def _dev_loss(accelerator, model: nn.Module, dev: Sequence[_Encoded], cfg: CEFTC
 
 
 def _loop(
-    accelerator, wrapped, model, deltas: DeltaSet, optimizer, scheduler, loader, dev_enc, cfg: CEFTConfig,
-    state: dict[str, Any], best, total: int, steps_per_epoch: int, keep_arg: bool, pad: int,
-    path: Path | None, show: bool, callback,
+    accelerator,
+    wrapped,
+    model,
+    deltas: DeltaSet,
+    optimizer,
+    scheduler,
+    loader,
+    dev_enc,
+    cfg: CEFTConfig,
+    state: dict[str, Any],
+    best,
+    total: int,
+    steps_per_epoch: int,
+    keep_arg: bool,
+    pad: int,
+    path: Path | None,
+    show: bool,
+    callback,
 ):
     world = accelerator.num_processes
     params = deltas.parameters()
@@ -564,8 +596,13 @@ def _loop(
 
     if state["step"] == 0 and not state["history"] and dev_enc:  # reference only, not a candidate
         state["history"].append({"step": 0, "epoch": 0.0, "dev_loss": evaluate_dev()})
-    bar = tqdm(total=total, initial=state["step"], desc="ceft", unit="step",
-               disable=not (show and accelerator.is_main_process))
+    bar = tqdm(
+        total=total,
+        initial=state["step"],
+        desc="ceft",
+        unit="step",
+        disable=not (show and accelerator.is_main_process),
+    )
     micro_loss = torch.zeros((), dtype=torch.float64)
     try:
         for batch in loader:

@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--out", default="runs/ceft")
     p.add_argument("--model", default=None, help="a saved model + tokenizer folder (default: demo model)")
     p.add_argument("--experts", default=None, help="Router Lens experts JSON (default: see above)")
-    p.add_argument("--lrs", default="FFT=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3",
-                   help="per-method learning rates NAME=LR (others: --lr)")
+    p.add_argument(
+        "--lrs",
+        default="FFT=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3",
+        help="per-method learning rates NAME=LR (others: --lr)",
+    )
     p.add_argument("--random-seeds", default="0", help="comma-separated seeds of random-expert controls")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--ceft-lora", action="store_true", help="also train LoRA on the CE")
@@ -126,8 +129,10 @@ def main(argv: list[str] | None = None) -> Path:
         _log(f"training {m.name} (lr {m.lr})")
         res = train(model, tok, train_ex, dev_ex, method=m, config=cfg, out=out / m.name, progress=False)
         results[m.name] = res
-        _log(f"    {m.name}: {res.trainable:,} trainable, best step {res.best_step}, dev loss "
-             f"{res.best_dev_loss:.4f}, {res.seconds:.0f} s")
+        _log(
+            f"    {m.name}: {res.trainable:,} trainable, best step {res.best_step}, dev loss "
+            f"{res.best_dev_loss:.4f}, {res.seconds:.0f} s"
+        )
 
     from moe_interp.demo import load_split
 
@@ -136,8 +141,14 @@ def main(argv: list[str] | None = None) -> Path:
     datasets = {"conflict_test": demo_examples("conflict_test", args.test_limit), "memorised": memorised}
     _log(f"evaluating {list(results)} on {[(k, len(v)) for k, v in datasets.items()]}")
     rows = evaluate_methods(
-        model, tok, results, datasets, out=out / "eval", total=count_parameters(model),
-        max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size,
+        model,
+        tok,
+        results,
+        datasets,
+        out=out / "eval",
+        total=count_parameters(model),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.eval_batch_size,
     )
     table = paper_table(rows)
     rows.to_csv(out / "rows.csv", index=False)

@@ -58,8 +58,15 @@ def load_model(folder: str | None):
     return model.eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def make_method(name: str, experts: dict[int, list[int]] | None, num_experts: int, *, rank: int = 8,
-                seed: int = 0, lr: float | None = None) -> Method:
+def make_method(
+    name: str,
+    experts: dict[int, list[int]] | None,
+    num_experts: int,
+    *,
+    rank: int = 8,
+    seed: int = 0,
+    lr: float | None = None,
+) -> Method:
     """A :class:`Method` from its command-line name."""
     if name in ("ceft", "ceft-lora", "random") and not experts:
         raise InputError(f"method {name!r} needs --experts")
@@ -98,10 +105,18 @@ def config_args(p: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace) -> CEFTConfig:
     return CEFTConfig(
-        lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_length=args.max_length, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-        seed=args.seed, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_length=args.max_length,
+        warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -126,8 +141,16 @@ def main(argv: list[str] | None = None) -> Path:
     n_experts = get_architecture(model).num_experts(model.config)
     method = make_method(args.method, experts, n_experts, rank=args.rank, seed=args.random_seed)
     dev = read_records(args.dev) if args.dev else None
-    train(model, tok, read_records(args.train), dev, method=method, config=config_from(args), out=args.out,
-          progress=False)
+    train(
+        model,
+        tok,
+        read_records(args.train),
+        dev,
+        method=method,
+        config=config_from(args),
+        out=args.out,
+        progress=False,
+    )
     return Path(args.out)
 
 

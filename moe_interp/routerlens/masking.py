@@ -8,6 +8,8 @@ the router's output:
   from the choice (their probability mass is *not* redistributed: a softmax router keeps its softmax over
   all experts, exactly as ``RoutingRule.route`` documents);
 - routers returning logits only (DBRX): the masked logits are set to ``-inf`` before the block's own rule;
+- expert-grouped routers (JetMoE): the sorted index, token index, gates and expert sizes are rebuilt from
+  the rule's choice;
 - dense-score routers (Llama-4, ``router_output=("scores", "logits")``): the dense scores are rebuilt from
   the rule's choice, and the masked logits set to ``-inf`` so that readers that recompute routing from the
   logits (``arch.applied == "rule"``, e.g. :func:`moe_interp.trace`) see the routing actually applied.
@@ -130,9 +132,28 @@ class _RouterMask:
             values[names.index("scores")] = dense.scatter_(-1, indices, weights).to(old.dtype)
             if self.arch.applied == "rule":
                 values[names.index("logits")] = logits.masked_fill(blocked, NEG_INF)
+        elif "sorted_index" in names:  # JetMoE: gates grouped by expert
+            values = _expert_sorted(names, values, weights, indices, self.n_experts)
+            values[names.index("logits")] = logits.masked_fill(blocked, NEG_INF)
         else:
             raise InputError(f"{self.arch.model_type}: cannot mask a router returning {names}")
         return tuple(values) if isinstance(output, tuple) else values[0]
+
+
+def _expert_sorted(
+    names: tuple[str, ...], values: list, weights: torch.Tensor, indices: torch.Tensor, n_experts: int
+):
+    """Rebuild a JetMoE-style routing tuple (entries grouped by expert) from [T, k] weights and indices."""
+    k = indices.shape[-1]
+    flat = indices.flatten()
+    _, order = flat.sort(0)
+    out = list(values)
+    gates = values[names.index("gates")]
+    out[names.index("sorted_index")] = order
+    out[names.index("token_index")] = order.div(k, rounding_mode="trunc")
+    out[names.index("gates")] = weights.flatten()[order].to(gates.dtype)
+    out[names.index("expert_size")] = torch.bincount(flat, minlength=n_experts).tolist()
+    return out
 
 
 # router module -> its mask hook (module objects are never modified; the table lives here)
