@@ -38,7 +38,8 @@ def test_router_logits_match_model_output(model_type, tokenizer):
     valid = mask.flatten().bool()
     ref = torch.stack([r for r in out.router_logits])[:, valid].float()
     if t.extra_routing:  # JetMoE returns (attention router, MLP router) logits for every layer, interleaved
-        torch.testing.assert_close(t.extra_routing["attention"]["router_logits"], ref[0::2], atol=1e-6, rtol=0)
+        attention = t.extra_routing["attention"]["router_logits"]
+        torch.testing.assert_close(attention, ref[0::2], atol=1e-6, rtol=0)
         ref = ref[1::2]
     assert t.router_logits.shape == ref.shape == (len(t.layers), int(mask.sum()), t.num_experts)
     torch.testing.assert_close(t.router_logits, ref, atol=1e-6, rtol=0)
