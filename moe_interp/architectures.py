@@ -19,6 +19,7 @@ Register a further architecture (for example a ``trust_remote_code`` model) in a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,8 +46,13 @@ class MoEArchitecture:
             arguments of ``experts(hidden, indices, weights)``, i.e. exactly what the model used) or
             ``"rule"`` (recomputed from the logits with ``rule``, for models that pass no such arguments).
         shared_expert_gate: a ``Linear -> 1`` whose sigmoid scales the shared expert's output.
-        expert_outputs: whether per-expert outputs can be computed by calling
-            ``experts.forward(hidden, one_index, ones)``.
+        expert_outputs: whether per-expert outputs can be computed (by calling
+            ``experts.forward(hidden, one_index, ones)``, or ``expert_fn``).
+        expert_fn: for experts not called as ``experts(hidden, indices, weights)``:
+            ``expert_fn(layer, hidden [N, d], indices [N, k], weights [N, k])`` returns the chosen experts'
+            outputs [N, k, d] and the block's constant contribution [N, d] (or None), from the block input.
+        weights_scale_input: the routing weight scales the expert's input, not its output (Llama-4); the
+            recorded expert outputs then already include it.
         extra_routers: further routers per decoder layer, as (name, path from the decoder layer), recorded
             with the same ``router_output`` layout and ``rule`` (JetMoE's attention experts).
     """
@@ -63,6 +69,8 @@ class MoEArchitecture:
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
     expert_outputs: bool = True
+    expert_fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    weights_scale_input: bool = False
     extra_routers: tuple[tuple[str, str], ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "top_k", "moe_top_k")
@@ -214,6 +222,23 @@ def _first_attr(config, keys: tuple[str, ...], model_type: str, what: str):
     raise UnsupportedModelError(f"{model_type}: config has none of {keys} for the {what}")
 
 
+def _llama4_experts(layer, hidden, indices, weights):
+    """Llama-4: expert e on the weight-scaled input; gate_up_proj [E, d, 2I], down_proj [E, I, d]."""
+    ex = layer.experts
+    x = hidden[:, None, :] * weights[..., None]  # [N, k, d]
+    gate, up = torch.einsum("nkd,nkdf->nkf", x, ex.gate_up_proj[indices]).chunk(2, dim=-1)
+    return torch.einsum("nkf,nkfd->nkd", up * ex.act_fn(gate), ex.down_proj[indices]), None
+
+
+def _jetmoe_experts(layer, hidden, indices, weights):
+    """JetMoE: input_linear.weight [E, 2H, d], output_linear.weight [E, d, H]; the block adds a bias."""
+    block = layer.block
+    h = torch.einsum("nd,nkfd->nkf", hidden, block.input_linear.weight[indices])
+    a, b = h.chunk(2, dim=-1)
+    out = torch.einsum("nkf,nkdf->nkd", block.activation(a) * b, block.output_linear.weight[indices])
+    return out, block.bias.expand(hidden.shape[0], -1)
+
+
 def _sparsemixer(logits: torch.Tensor, *, router, config, top_k: int):
     from transformers.models.phimoe.modeling_phimoe import sparsemixer
 
@@ -285,7 +310,8 @@ for _arch in (
         rule=RoutingRule(score="logits", weights="sigmoid_topk"),
         applied="rule",
         shared_expert="shared_expert",
-        expert_outputs=False,
+        expert_fn=_llama4_experts,
+        weights_scale_input=True,
     ),
     MoEArchitecture(
         "jetmoe",
@@ -295,7 +321,7 @@ for _arch in (
         router_output=("sorted_index", "token_index", "gates", "expert_size", "logits"),
         rule=_TOPK_SOFTMAX,
         applied="rule",
-        expert_outputs=False,
+        expert_fn=_jetmoe_experts,
         extra_routers=(("attention", "self_attention.experts.router"),),
     ),
 ):

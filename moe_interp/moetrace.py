@@ -57,7 +57,9 @@ class MoETrace:
     - ``attn_to_spans`` [A, N, H, S] float32 or None: attention mass each query token pays to each span.
     - ``attention_maps``: per prompt [A, H, T_i, T_i] float32, only with ``full_attention=True``.
     - ``expert_outputs`` [L, N, k, d], ``shared_outputs`` [L, N, d] (None without shared experts) and
-      ``block_outputs`` [L, N, d]: only with ``expert_outputs=True``; sum_k w * expert + shared = block.
+      ``block_outputs`` [L, N, d]: only with ``expert_outputs=True``; sum_k w * expert + shared = block
+      (where ``weights_scale_input`` (Llama-4) the weight is already inside: sum_k expert + shared = block;
+      ``shared_outputs`` also holds a block's constant bias, as JetMoE's).
     - ``spans``: per prompt, span name -> list of [start, end) token positions within that prompt.
     - ``extra_routing``: further routers (JetMoE's attention experts) by name -> ``layers`` [L'],
       ``router_logits`` [L', N, E], ``topk_indices`` / ``topk_weights`` [L', N, k].
@@ -85,6 +87,7 @@ class MoETrace:
     attn_to_spans: torch.Tensor | None = None
     attention_maps: list[torch.Tensor] | None = None
     extra_routing: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    weights_scale_input: bool = False
     expert_outputs: torch.Tensor | None = None
     shared_outputs: torch.Tensor | None = None
     block_outputs: torch.Tensor | None = None

@@ -47,6 +47,8 @@ class Recorder:
                 patch.pre_hook(layer.experts, self._experts_hook(layer.number, routing), with_kwargs=True)
             if not self.experts:
                 continue
+            if self.arch.expert_fn is not None:
+                patch.pre_hook(layer.block, self._input_hook("block_in", layer.number))
             patch.forward_hook(layer.block, self._output_hook("block", layer.number))
             if layer.shared_expert is not None:
                 patch.forward_hook(layer.shared_expert, self._output_hook("shared_raw", layer.number))
@@ -120,6 +122,28 @@ class Recorder:
             self.put(kind, number, output[0] if isinstance(output, tuple) else output)
 
         return hook
+
+    def _input_hook(self, kind: str, number: int):
+        def hook(module, args):
+            self.put(kind, number, args[0])
+
+        return hook
+
+    def computed_experts(
+        self, weights: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[L, N, k, d] expert outputs and [L, N, d] constant contributions from ``arch.expert_fn``."""
+        outs, consts = [], []
+        with torch.no_grad():
+            for li, layer in enumerate(self.layers):
+                hidden = self.data["block_in"][layer.number]
+                param = next(layer.block.parameters())
+                out, const = self.arch.expert_fn(
+                    layer, hidden.to(param), indices[li].to(param.device), weights[li].to(param)
+                )
+                outs.append(out.float().cpu())
+                consts.append(None if const is None else const.float().cpu())
+        return torch.stack(outs), (None if consts[0] is None else torch.stack(consts))
 
     def shared(self) -> torch.Tensor | None:
         """[L, N, d]: shared-expert contribution (times sigmoid of its gate where there is one)."""

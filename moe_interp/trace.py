@@ -106,6 +106,14 @@ def trace(
     k = arch.top_k(hf.config)
     logits = rec.stack("logits")
     weights, indices = rec.applied_routing(hf.config, k)
+    if expert_outputs and arch.expert_fn is not None:
+        experts_out, constant = rec.computed_experts(weights, indices)
+        shared = rec.shared()
+        shared = constant if shared is None else (shared if constant is None else shared + constant)
+    elif expert_outputs:
+        experts_out, shared = rec.stack("expert"), rec.shared()
+    else:
+        experts_out = shared = None
     choice = torch.stack(
         [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
     )
@@ -132,8 +140,9 @@ def trace(
         attn_to_spans=attn.stack_spans() if attn and span_names else None,
         attention_maps=attn.maps(lengths) if attn and full_attention else None,
         extra_routing=rec.extra_routing(hf.config, k),
-        expert_outputs=rec.stack("expert") if expert_outputs else None,
-        shared_outputs=rec.shared() if expert_outputs else None,
+        expert_outputs=experts_out,
+        shared_outputs=shared,
+        weights_scale_input=arch.weights_scale_input,
         block_outputs=rec.stack("block") if expert_outputs else None,
     )
 
