@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from moe_interp.atomic import atomic_write
 from moe_interp.data.example import QAExample
 from moe_interp.data.metrics import (
     ConflictOutcome,
@@ -439,13 +440,8 @@ def _json_safe(x: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace`` (NaN -> null)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_json_safe(obj), fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(_json_safe(obj), indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_results(path: str | os.PathLike[str], required: Sequence[str] = ("id",)) -> dict[str, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from moe_interp.atomic import atomic_write
 from moe_interp.errors import InputError
 
 Span = tuple[int, int]
@@ -196,8 +196,8 @@ class MoETrace:
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSOR_FIELDS}
         meta.pop("attention_maps")
         meta.pop("extra_routing")
-        _atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, p))
-        _atomic_write(path / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
+        atomic_write(path / "tensors.safetensors", lambda p: save_file(tensors, str(p)))
+        atomic_write(path / "meta.json", lambda p: p.write_text(json.dumps(meta)))
         return path
 
     @classmethod
@@ -225,14 +225,3 @@ class MoETrace:
             attention_maps=[tensors[k] for k in maps] or None,
             extra_routing=extra,
         )
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from moe_interp.atomic import atomic_write
 from moe_interp.ceft.deltas import DeltaSet, attached_deltas, describe
 from moe_interp.ceft.targets import DeltaTarget, Method, count_parameters, count_trainable, resolve_targets
 from moe_interp.data.example import QAExample
@@ -477,9 +478,7 @@ def train(
         path=path,
     )
     if path is not None and accelerator.is_main_process:
-        tmp = path / f".{DELTAS_FILE}.tmp"
-        save_file(final, str(tmp))
-        os.replace(tmp, path / DELTAS_FILE)
+        atomic_write(path / DELTAS_FILE, lambda tmp: save_file(final, str(tmp)))
         write_json_atomic(
             path / META_FILE,
             {

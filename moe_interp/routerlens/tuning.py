@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moe_interp.architectures import get_architecture
+from moe_interp.atomic import atomic_write
 from moe_interp.data.example import QAExample
 from moe_interp.errors import InputError
 from moe_interp.evaluation import left_pad, split_continuation, write_json_atomic
@@ -326,18 +327,11 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 # ------------------------------------------------------------------------------------------ entry point
