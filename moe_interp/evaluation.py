@@ -37,6 +37,7 @@ from moe_interp.data.metrics import (
 )
 from moe_interp.errors import DataError, InputError
 from moe_interp.prompts import FormattedPrompt, format_example, prompt_ids
+from moe_interp.signature import forward_accepts
 
 Mode = Literal["generate", "score"]
 MODES = ("generate", "score")
@@ -264,15 +265,6 @@ def split_continuation(
     return head, list(tokenizer(answer, add_special_tokens=False)["input_ids"])
 
 
-def _accepts(model: Any, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def score_answers(
     model: Any,
@@ -306,7 +298,7 @@ def score_answers(
         pairs.append((head, tail))
     token_lps: list[torch.Tensor] = [torch.empty(0)] * len(pairs)
     device, pad = _device(model), _pad_id(tokenizer)
-    keep_arg = _accepts(model, "logits_to_keep")
+    keep_arg = forward_accepts(model, "logits_to_keep")
     batches = list(_length_batches([len(h) + len(t) for h, t in pairs], batch_size))
     with preserved_mode(model):
         for idx in tqdm(batches, desc="score", unit="batch", disable=not progress):

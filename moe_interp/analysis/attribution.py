@@ -43,6 +43,7 @@ from moe_interp.errors import InputError, UnsupportedModelError
 from moe_interp.hooks import ModelPatch
 from moe_interp.recording import Recorder
 from moe_interp.routerlens.masking import mask_experts
+from moe_interp.signature import forward_accepts
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _answer_logits(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.
     needed = sorted({p for e in batch.items for p in range(e.prompt_len - 1, len(e.ids) - 1)})
     positions = torch.tensor(needed)
     device = model_device(model)
-    kwargs = {"logits_to_keep": positions.to(device)} if _accepts(model, "logits_to_keep") else {}
+    kwargs = {"logits_to_keep": positions.to(device)} if forward_accepts(model, "logits_to_keep") else {}
     logits = model(
         input_ids=batch.input_ids.to(device), attention_mask=batch.mask.to(device), use_cache=False, **kwargs
     ).logits
@@ -117,13 +118,6 @@ def _score_from_logits(
     return torch.stack(totals).double(), torch.stack(hits)
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _selected(model: nn.Module, batch: Batch, layers: Sequence[MoELayer]) -> dict[int, set[int]]:
     """Experts chosen anywhere in the batch, per layer (padding included: a mask acts on it too)."""
     arch = get_architecture(model)
@@ -137,7 +131,7 @@ def _selected(model: nn.Module, batch: Batch, layers: Sequence[MoELayer]) -> dic
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.mask.to(device),
             use_cache=False,
-            **({"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}),
+            **({"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}),
         )
     _, indices = rec.applied_routing(model.config, arch.top_k(model.config))
     return {m.number: set(indices[i].flatten().tolist()) for i, m in enumerate(layers)}

@@ -24,6 +24,7 @@ from moe_interp.analysis.encode import Batch, batches, model_device
 from moe_interp.architectures import get_architecture, get_path
 from moe_interp.errors import InputError, UnsupportedModelError
 from moe_interp.hooks import ModelPatch
+from moe_interp.signature import forward_accepts
 
 _NORM_NAMES = ("norm", "norm_f", "final_layernorm", "ln_f", "final_norm")
 
@@ -87,21 +88,12 @@ def residual_rows(
             input_ids=batch.input_ids.to(device),
             attention_mask=batch.mask.to(device),
             use_cache=False,
-            **({"logits_to_keep": keep.to(device)} if _accepts_keep(model) else {}),
+            **({"logits_to_keep": keep.to(device)} if forward_accepts(model, "logits_to_keep") else {}),
         ).logits
     column = torch.searchsorted(keep, positions) if logits.shape[1] == len(keep) else positions
     own = logits[torch.arange(len(positions)), column.to(logits.device)].float()
     numbers = sorted(got)
     return numbers, torch.stack([got[n] for n in numbers]), own
-
-
-def _accepts_keep(model: nn.Module) -> bool:
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @dataclass

@@ -26,6 +26,7 @@ from moe_interp.analysis.rows import RowAttentionRecorder
 from moe_interp.architectures import get_architecture
 from moe_interp.errors import DataError, InputError
 from moe_interp.hooks import ModelPatch
+from moe_interp.signature import forward_accepts
 
 Query = Literal["last", "answer"]
 QUERIES = ("last", "answer")
@@ -172,10 +173,4 @@ def _prompt_only(batch: Batch) -> torch.Tensor:
 
 def _keep_one(model: nn.Module) -> dict[str, int]:
     """``logits_to_keep=1`` where the model accepts it: the LM head is not needed here."""
-    import inspect
-
-    try:
-        accepted = "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        accepted = False
-    return {"logits_to_keep": 1} if accepted else {}
+    return {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}

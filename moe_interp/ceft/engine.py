@@ -52,6 +52,7 @@ from moe_interp.errors import InputError
 from moe_interp.evaluation import left_pad, write_json_atomic
 from moe_interp.routerlens.data import to_examples
 from moe_interp.routerlens.tuning import RouterTuningConfig, _encode, _Encoded, _fingerprint, _pad_id
+from moe_interp.signature import forward_accepts
 
 DELTAS_FILE = "deltas.safetensors"
 META_FILE = "deltas.json"
@@ -246,15 +247,6 @@ def _loss_sum(model: nn.Module, batch: Mapping[str, torch.Tensor], keep_arg: boo
     )
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(
     accelerator, folder: Path, progress: dict[str, Any], best: dict[str, torch.Tensor] | None
@@ -407,7 +399,7 @@ def train(
         if (ckpt / "best.safetensors").is_file():
             best = load_file(str(ckpt / "best.safetensors"))
 
-    keep_arg = _accepts(model, "logits_to_keep")
+    keep_arg = forward_accepts(model, "logits_to_keep")
     pad = _pad_id(tokenizer)
     was_training = model.training
     had_gc = bool(getattr(model, "is_activation_checkpointing", False))

@@ -44,6 +44,7 @@ from moe_interp.evaluation import split_continuation, write_json_atomic
 from moe_interp.hooks import ModelPatch
 from moe_interp.prompts import format_example
 from moe_interp.routerlens.data import to_examples
+from moe_interp.signature import forward_accepts
 
 SPANS = ("prompt", "context", "context_answer", "last", "answer", "all")
 _NEEDS_ANSWER = {"answer", "all"}
@@ -266,7 +267,7 @@ def count_selections(
     n_examples = torch.zeros(1, dtype=torch.int64)
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
     total = len(examples) if hasattr(examples, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="count selections", unit="ex", disable=not progress or rank != 0)
     mine = (ex for i, ex in enumerate(examples) if i % world == rank)

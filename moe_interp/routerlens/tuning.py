@@ -46,6 +46,7 @@ from moe_interp.evaluation import left_pad, split_continuation, write_json_atomi
 from moe_interp.hooks import ModelPatch
 from moe_interp.prompts import format_example
 from moe_interp.routerlens.data import to_examples
+from moe_interp.signature import forward_accepts
 
 WEIGHTS_FILE = "router_weights.safetensors"
 CONFIG_FILE = "router_config.json"
@@ -228,15 +229,6 @@ def _fingerprint(encoded: Sequence[_Encoded]) -> str:
     return h.hexdigest()[:16]
 
 
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
@@ -254,7 +246,7 @@ class _Trainer:
         self.params = dict(model.named_parameters())
         self.device = self.params[self.names[0]].device
         self.pad = _pad_id(tokenizer)
-        self.keep_arg = _accepts(model, "logits_to_keep")
+        self.keep_arg = forward_accepts(model, "logits_to_keep")
         g = torch.Generator().manual_seed(cfg.seed)
         self.trainable: dict[str, torch.Tensor] = {}
         if cfg.lora_rank == 0:
