@@ -50,7 +50,10 @@ def worker(name: str, steps: int, batch_size: int, threads: int) -> dict:
     ce_file = next((f for f in CE_FILES if f.is_file()), None)
     ce = load_experts(ce_file) if ce_file else {n: [0, 1] for n in layers}
     methods = {
-        "CEFT": ceft(ce), "FFT": full_fine_tuning(), "RT": router_tuning(), "LoRA8-all": lora_all_experts(8)
+        "CEFT": ceft(ce),
+        "FFT": full_fine_tuning(),
+        "RT": router_tuning(),
+        "LoRA8-all": lora_all_experts(8),
     }
     if name not in methods:
         raise SystemExit(f"unknown method {name!r}; choose from {sorted(methods)}")
@@ -63,13 +66,21 @@ def worker(name: str, steps: int, batch_size: int, threads: int) -> dict:
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     res = train(
-        model, tok, data, None, method=methods[name], progress=False,
+        model,
+        tok,
+        data,
+        None,
+        method=methods[name],
+        progress=False,
         config=CEFTConfig(lr=1e-4, epochs=1, batch_size=batch_size, warmup_ratio=0.0, checkpoint_every=10**9),
         callback=lambda step, logs: stamps.append(time.perf_counter()),
     )
     gaps = [b - a for a, b in zip([start, *stamps], stamps, strict=False)][2:]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    )
     return {
         "method": name,
         "trainable": res.trainable,
@@ -96,8 +107,18 @@ def main() -> None:
         return
     rows = []
     for name in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
         if run.returncode:
             raise SystemExit(f"{name} failed:\n{run.stderr[-2000:]}")
@@ -106,8 +127,10 @@ def main() -> None:
     print(f"| method | trainable | step time median (s) | min (s) | peak memory (MiB, {kind}) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['trainable']:,} | {r['step_s_median']:.3f} | {r['step_s_min']:.3f} | "
-              f"{r['peak_mib']:.1f} |")
+        print(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s_median']:.3f} | {r['step_s_min']:.3f} | "
+            f"{r['peak_mib']:.1f} |"
+        )
     print(f"\n{args.steps} steps x batch {args.batch_size}, {rows[0]['device']}, {args.threads} thread(s)")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))

@@ -9,6 +9,11 @@ Variants: plain forward; forward with ``output_router_logits``; ``trace`` routin
 attention to spans; ``trace`` with per-expert outputs; nnsight saving every router output; TransformerLens
 ``run_with_cache`` filtered to the MoE hooks (only where the bridge has them). ``trace`` timings include its
 tokenisation; the plain forward gets pre-tokenised ids, so the ratios are an upper bound on the overhead.
+
+``trace`` keeps only the logits after each prompt's last token (``logits_to_keep``), so it skips most of the
+LM head that a plain forward computes at every position. Each row therefore has two ratios: ``ratio`` against
+the plain forward (what a user would otherwise run) and ``ratio_last_token_logits`` against a plain forward
+that also computes only those logits (the overhead of recording alone). nnsight is measured both ways.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from transformers import PreTrainedTokenizerFast
 
 import moe_interp
 
+KEEP = "plain forward, last-token logits (logits_to_keep)"
 WORDS = "the model reads the context and the answer is in the passage about Paris France river city".split()
 
 
@@ -100,8 +106,11 @@ def _prompts(tok, batch: int, length: int) -> tuple[list[str], list[str], list[s
 def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str, Callable[[], object]]:
     enc = tok(prompts, padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    # the logits trace() returns: one row per prompt's last token (right padding)
+    keep = torch.unique(mask.sum(1) - 1)
     out: dict[str, Callable[[], object]] = {
         "plain forward": lambda: model(input_ids=ids, attention_mask=mask, use_cache=False),
+        KEEP: lambda: model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep),
         "forward + output_router_logits": lambda: model(
             input_ids=ids, attention_mask=mask, use_cache=False, output_router_logits=True
         ),
@@ -121,14 +130,17 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
 
         numbers = [m.number for m in arch.moe_layers(model)]
 
-        def nnsight_routers():
+        def nnsight_routers(**kept):
             saved = []
-            with wrapped.trace(input_ids=ids, attention_mask=mask, use_cache=False):
+            with wrapped.trace(input_ids=ids, attention_mask=mask, use_cache=False, **kept):
                 for number in numbers:
                     saved.append(wrapped.model.layers[number].mlp.gate.output.save())
             return saved
 
         out["nnsight: save every router output"] = nnsight_routers
+        out["nnsight: save every router output, last-token logits"] = lambda: nnsight_routers(
+            logits_to_keep=keep
+        )
     except ImportError:
         pass
     try:
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts, contexts, answers = _prompts(tok, batch, length)
             with tempfile.TemporaryDirectory() as folder:
                 med = measure(_variants(model, tok, prompts, contexts, answers, Path(folder)), args.reps)
-            base = med["plain forward"]
+            base, base_keep = med["plain forward"], med[KEEP]
             t = moe_interp.trace(model, prompts, context=contexts, answer=answers, tokenizer=tok)
             held, needed = trace_bytes(t)
             results.setdefault("memory", []).append(
@@ -221,11 +233,18 @@ def main(argv: list[str] | None = None) -> None:
             )
             for name, sec in med.items():
                 row = dict(
-                    model=kind, shape=shape, variant=name, ms=round(sec * 1e3, 2), ratio=round(sec / base, 3)
+                    model=kind,
+                    shape=shape,
+                    variant=name,
+                    ms=round(sec * 1e3, 2),
+                    ratio=round(sec / base, 3),
+                    ratio_last_token_logits=round(sec / base_keep, 3),
                 )
                 results["rows"].append(row)
                 print(
-                    f"{kind:12s} {shape:7s} {name:45s} {row['ms']:9.2f} ms  x{row['ratio']:.2f}", flush=True
+                    f"{kind:12s} {shape:7s} {name:55s} {row['ms']:9.2f} ms  x{row['ratio']:.2f}"
+                    f"  x{row['ratio_last_token_logits']:.2f}",
+                    flush=True,
                 )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(args.out).with_suffix(".tmp")

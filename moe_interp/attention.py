@@ -49,9 +49,10 @@ def attention_probs(
     heads, kv_heads = query.shape[1], key.shape[1]
     key = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    # one full-size allocation for the scores, then in-place steps (this runs inside every forward)
+    scores = torch.matmul(query.float() * scale, key.float().transpose(-1, -2))
     if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
+        scores.div_(softcap).tanh_().mul_(softcap)
     q_len, k_len = scores.shape[-2:]
     if attention_mask is None:
         q_pos = torch.arange(k_len - q_len, k_len, device=scores.device)[:, None]
@@ -59,15 +60,15 @@ def attention_probs(
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed = allowed & (q_pos - k_pos < sliding_window)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores.masked_fill_(~allowed, float("-inf"))
     elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
+        scores.masked_fill_(~attention_mask[..., :k_len], float("-inf"))
     else:
-        scores = scores + attention_mask[..., :k_len].float()
+        scores.add_(attention_mask[..., :k_len].float())
     if sinks is not None:
         sink = sinks.float().reshape(1, -1, 1, 1).expand(scores.shape[0], -1, q_len, 1)
         return torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
 
 
 class AttentionRecorder:

@@ -24,6 +24,7 @@ from moe_interp.attention import AttentionRecorder
 from moe_interp.errors import InputError, MoEInterpError, UnsupportedModelError
 from moe_interp.hooks import ModelPatch
 from moe_interp.recording import AttentionSink, Recorder
+from moe_interp.signature import forward_accepts
 
 BackendName = Literal["transformers", "nnsight", "lens"]
 
@@ -55,11 +56,30 @@ class ForwardSpec:
     recorder: Recorder
     attention: AttentionSink | None
 
+    def last_positions(self) -> torch.Tensor:
+        """[B] position of each row's last token (right padding)."""
+        return (self.mask.sum(1) - 1).clamp(min=0)
+
+    def keep(self, hf: nn.Module) -> dict:
+        """``logits_to_keep`` for the forward: only the distinct last positions (the LM head is a large share
+        of a forward over many tokens), or nothing if the model's forward lacks the argument."""
+        if not forward_accepts(hf, "logits_to_keep"):
+            return {}
+        return {"logits_to_keep": torch.unique(self.last_positions())}
+
+    def next_token_logits(self, logits: torch.Tensor, kept: dict) -> torch.Tensor:
+        """[B, V] logits after each row's last token, from the forward's [B, T or U, V] logits."""
+        last = self.last_positions().to(logits.device)
+        if kept:
+            last = torch.searchsorted(kept["logits_to_keep"].to(logits.device), last)
+        return logits[torch.arange(logits.shape[0], device=logits.device), last]
+
 
 def run(
     backend: BackendName, model, hf: nn.Module, spec: ForwardSpec, *, remote: bool = False
 ) -> torch.Tensor:
-    """Run the forward pass on ``backend``; fills the spec's collectors and returns logits [B, T, V]."""
+    """Run the forward pass on ``backend``; fills the spec's collectors and returns the logits after each
+    row's last token [B, V]."""
     if remote and backend != "nnsight":
         raise InputError("remote=True needs an nnsight model (nnsight.LanguageModel or NNsight)")
     try:
@@ -91,9 +111,10 @@ def _run(backend: BackendName, model, hf: nn.Module, spec: ForwardSpec, remote: 
             spec.recorder.install(patch)
             spec.recorder.install_extra(patch, spec.arch.extra_router_modules(hf))
             _record_attention(patch, hf, spec)
-            out = hf(input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False)
+            kept = spec.keep(hf)
+            out = hf(input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False, **kept)
             _check_attention(hf, spec)
-            return out.logits
+            return spec.next_token_logits(out.logits, kept)
         if backend == "nnsight":
             logits = _run_nnsight(model, hf, spec, patch, remote)
             _check_attention(hf, spec)
@@ -130,7 +151,10 @@ def _run_nnsight(model, hf: nn.Module, spec: ForwardSpec, patch: ModelPatch, rem
         _record_attention(patch, hf, spec)
     layers_envoy = _envoy(model, arch.layers)
     saved = []
-    with model.trace(input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False, remote=remote):
+    kept = spec.keep(hf)
+    with model.trace(
+        input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False, remote=remote, **kept
+    ):
         for layer in spec.layers:
             block = _envoy(layers_envoy[layer.number], arch.block)
             router_out = _envoy(block, arch.router).output.save()
@@ -142,7 +166,7 @@ def _run_nnsight(model, hf: nn.Module, spec: ForwardSpec, patch: ModelPatch, rem
         if inputs is not None:
             args, kwargs = inputs
             rec.put_experts_input(layer.number, layer.experts, args, kwargs, routing=True, outputs=False)
-    return logits
+    return spec.next_token_logits(logits, kept)
 
 
 # ------------------------------------------------------------------------------------------ TransformerLens
@@ -184,4 +208,4 @@ def _run_lens(bridge, hf: nn.Module, spec: ForwardSpec, patch: ModelPatch) -> to
     if spec.attention is not None:
         for number, _ in arch.attention_modules(hf):
             spec.attention.on_probs(number, cache[f"blocks.{number}.attn.hook_pattern"])
-    return logits
+    return spec.next_token_logits(logits, {})

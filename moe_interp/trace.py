@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,10 +97,9 @@ def trace(
         span_masks = _span_masks(encoded, span_names, input_ids.shape[1])
         attn = AttentionSink(span_masks, mask.cpu().bool(), full_attention)
     spec = backends.ForwardSpec(arch, moe_layers, input_ids, mask, rec, attn)
-    out_logits = backends.run(backend, model, hf, spec, remote=remote)
+    next_logits = backends.run(backend, model, hf, spec, remote=remote)
 
     lengths = mask.sum(1).cpu()
-    last = (lengths - 1).clamp(min=0)
     positions = torch.cat([torch.arange(int(n)) for n in lengths])
     example = torch.cat([torch.full((int(n),), i, dtype=torch.long) for i, n in enumerate(lengths)])
     token_ids = input_ids.cpu().flatten()[rec.valid]
@@ -133,7 +133,7 @@ def trace(
         topk_weights=weights,
         selection_scores=choice if arch.rule.choice_bias is not None else None,
         near_tie=near_ties(choice, k, near_tie_tol),
-        next_token_logits=out_logits[torch.arange(len(prompts)), last.to(out_logits.device)].float().cpu(),
+        next_token_logits=next_logits.float().cpu(),
         spans=[e.spans for e in encoded],
         span_names=span_names,
         attention_layers=attn.layers if attn else [],
@@ -194,11 +194,21 @@ def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> 
 
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
-    """Each token decoded on its own (the Rust backend's batch decode where there is one: ~3x faster)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
-    return tokenizer.batch_decode([[i] for i in ids])
+    """Each token decoded on its own; decoded strings are cached per tokenizer (decoding is a visible share
+    of tracing one short prompt)."""
+    cache = _DECODED.setdefault(tokenizer, {})
+    todo = sorted({i for i in ids if i not in cache})
+    if todo:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # the Rust backend's batch decode: ~3x faster than the Python loop
+            strings = backend.decode_batch([[i] for i in todo], skip_special_tokens=False)
+        else:
+            strings = tokenizer.batch_decode([[i] for i in todo])
+        cache.update(zip(todo, strings, strict=True))
+    return [cache[i] for i in ids]
+
+
+_DECODED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _quote(text: str | None, limit: int = 80) -> str:
