@@ -23,4 +23,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check moe_interp tests benchmarks notebooks
+	$(VENV)/bin/ruff check moe_interp tests benchmarks notebooks experiments

@@ -1,7 +1,7 @@
 """Cost of recording, side by side in one run: plain forwards, trace(), nnsight and TransformerLens.
 
-Every variant runs interleaved (one repetition of each in turn, repeated), and the median time per variant is
-reported with its ratio to the plain forward on the same token ids. Usage::
+Every variant runs interleaved (one repetition of each, in a shuffled order, repeated), and the median time
+per variant is reported with its ratio to the plain forward on the same token ids. Usage::
 
     python benchmarks/trace_overhead.py --reps 20 --out benchmarks/results/trace_overhead.json
 
@@ -23,6 +23,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -178,11 +179,16 @@ def trace_bytes(t: moe_interp.MoETrace) -> tuple[int, int]:
 
 
 def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per variant, interleaved."""
+    """Median seconds per variant, interleaved in a fresh random order each repetition (so that no variant
+    always follows the same neighbour on a shared, noisy machine)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(0)
     with torch.no_grad():
         for rep in range(warmup + reps):
-            for name, fn in variants.items():
+            rng.shuffle(order)
+            for name in order:
+                fn = variants[name]
                 start = time.perf_counter()
                 fn()
                 if rep >= warmup:

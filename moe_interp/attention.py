@@ -14,6 +14,7 @@ from collections.abc import Callable
 from importlib import import_module
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -71,6 +72,42 @@ def attention_probs(
     return torch.softmax(scores, dim=-1).nan_to_num_(0.0)
 
 
+def attention_to_spans(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    span_values: torch.Tensor,
+) -> torch.Tensor:
+    """Attention mass each query row pays to each span, without materialising the attention map.
+
+    The mass is attention applied to 0/1 span indicators as values, ``softmax(q k^T) @ span_values``, so the
+    fused ``scaled_dot_product_attention`` kernel computes it in float32 (same softmax as
+    :func:`attention_probs`; no softcap, sinks or sliding window without a mask: callers fall back).
+
+    Args:
+        query: [B, H, Q, D] after RoPE; key: [B, KV, K, D]; attention_mask as in :func:`attention_probs`.
+        span_values: [B, K, S] float, 1 where key k lies in span s.
+
+    Returns:
+        [B, H, Q, S].
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    values = span_values[:, None, :k_len].float().expand(-1, heads, -1, -1)
+    mask = attention_mask[..., :k_len] if attention_mask is not None else None
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.float()
+    causal = mask is None and q_len == k_len
+    if mask is None and not causal:  # queries at the end of a longer key sequence (a cache)
+        q_pos = torch.arange(k_len - q_len, k_len, device=query.device)[:, None]
+        mask = torch.arange(k_len, device=query.device)[None, :] <= q_pos
+    return F.scaled_dot_product_attention(
+        query.float(), key.float(), values, attn_mask=mask, is_causal=causal, scale=scaling
+    )
+
+
 class AttentionRecorder:
     """Installs the recording wrapper on attention modules for the life of a :class:`ModelPatch`.
 
@@ -80,12 +117,21 @@ class AttentionRecorder:
     """
 
     def __init__(
-        self, on_probs: Callable[[int, torch.Tensor], None], rows: torch.Tensor | None = None
+        self,
+        on_probs: Callable[[int, torch.Tensor], None],
+        rows: torch.Tensor | None = None,
+        *,
+        span_values: torch.Tensor | None = None,
+        on_spans: Callable[[int, torch.Tensor], None] | None = None,
     ) -> None:
+        """With ``span_values`` [B, K, S] and ``on_spans``, layers whose attention allows it report the mass
+        per span [B, H, Q, S] to ``on_spans`` (computed by :func:`attention_to_spans`) instead of
+        probabilities to ``on_probs``."""
         if rows is not None and rows.dim() != 2:
             raise InputError(f"rows must be [batch, n_rows] positions, got shape {tuple(rows.shape)}")
         self.on_probs = on_probs
         self.rows = rows.long() if rows is not None else None
+        self.span_values, self.on_spans = span_values, on_spans
 
     def install(self, patch: ModelPatch, attention_modules: list[tuple[int, nn.Module]]) -> None:
         configs: dict[int, object] = {}
@@ -102,6 +148,22 @@ class AttentionRecorder:
                 configs[id(config)] = wrapped
             patch.set_attr(module, "config", configs[id(config)])
             patch.set_attr(module, _TAG, (self, number))
+
+    def record(self, layer: int, module, query, key, attention_mask, scaling, kwargs: dict) -> None:
+        """Report one layer: span masses where possible, else probabilities."""
+        fused = (
+            self.on_spans is not None
+            and self.rows is None
+            and kwargs.get("softcap") is None
+            and kwargs.get("s_aux") is None
+            and (kwargs.get("sliding_window") is None or attention_mask is not None)
+        )
+        with torch.no_grad():
+            if fused:
+                mass = attention_to_spans(query, key, attention_mask, scaling, self.span_values)
+                self.on_spans(layer, mass)
+            else:
+                self.on_probs(layer, self.compute(module, query, key, attention_mask, scaling, kwargs))
 
     def compute(self, module, query, key, attention_mask, scaling, kwargs: dict) -> torch.Tensor:
         """Probabilities of the recorded query rows (see :func:`attention_probs`)."""
@@ -169,11 +231,7 @@ def _register_wrapper(original: str) -> str:
         tag = getattr(module, _TAG, None)
         if tag is not None:
             recorder, layer = tag
-            with torch.no_grad():
-                probs = recorder.compute(
-                    module, query.detach(), key.detach(), attention_mask, scaling, kwargs
-                )
-            recorder.on_probs(layer, probs)
+            recorder.record(layer, module, query.detach(), key.detach(), attention_mask, scaling, kwargs)
         return out
 
     ALL_ATTENTION_FUNCTIONS.register(name, wrapper)

@@ -123,8 +123,15 @@ def _run(backend: BackendName, model, hf: nn.Module, spec: ForwardSpec, remote: 
 
 
 def _record_attention(patch: ModelPatch, hf: nn.Module, spec: ForwardSpec) -> None:
-    if spec.attention is not None:
-        AttentionRecorder(spec.attention.on_probs).install(patch, spec.arch.attention_modules(hf))
+    sink = spec.attention
+    if sink is not None:
+        device = spec.input_ids.device
+        fused = (
+            {"span_values": sink.span_masks.transpose(1, 2).to(device), "on_spans": sink.on_spans}
+            if sink.spans_only
+            else {}
+        )
+        AttentionRecorder(sink.on_probs, **fused).install(patch, spec.arch.attention_modules(hf))
 
 
 def _check_attention(hf: nn.Module, spec: ForwardSpec) -> None:

@@ -201,6 +201,16 @@ class AttentionSink:
         if self.keep_maps:
             self.full.append(probs)
 
+    @property
+    def spans_only(self) -> bool:
+        """Only span masses are wanted (no full maps): attention can report them directly."""
+        return not self.keep_maps and self.span_masks.shape[1] > 0
+
+    def on_spans(self, layer: int, mass: torch.Tensor) -> None:
+        """Take one layer's attention mass per span [B, H, T, S]."""
+        self.layers.append(layer)
+        self.spans.append(mass.float().cpu().transpose(1, 2)[self.mask])  # [N, H, S]
+
     def check(self, expected: list[int]) -> None:
         """Raise if some attention layers never reported (their module bypassed the attention interface)."""
         missing = sorted(set(expected) - set(self.layers))

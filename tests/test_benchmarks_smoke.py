@@ -26,3 +26,13 @@ def test_trace_overhead_smoke(tmp_path):
     assert {"plain forward", "trace: routing", "trace: routing + attention to spans"} <= variants
     assert all(r["ratio"] > 0 for r in result["rows"])
     assert result["memory"][0]["ratio"] >= 1
+
+
+def test_routerlens_counting_smoke(tmp_path):
+    out = tmp_path / "c.json"
+    _load("routerlens_counting").main(
+        ["--repeats", "1", "--limit", "16", "--batch-size", "8", "--memory-sizes", "12", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["examples"] == 16 and result["ratio"] > 0
+    assert [row["examples"] for row in result["memory"]] == [12]

@@ -36,8 +36,16 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _files(d: Path) -> list[str]:
-    return ["--model", str(d / "model"), "--train", str(d / "train.jsonl"), "--dev", str(d / "dev.jsonl"),
-            "--experts", str(d / "experts.json")]
+    return [
+        "--model",
+        str(d / "model"),
+        "--train",
+        str(d / "train.jsonl"),
+        "--dev",
+        str(d / "dev.jsonl"),
+        "--experts",
+        str(d / "experts.json"),
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -51,17 +59,38 @@ def test_two_processes_match_one(workdir):
     from moe_interp.ceft.train import main
 
     main([*_files(workdir), *ARGS, "--out", str(workdir / "one")])
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", "29561", "-m", "moe_interp.ceft.train",
-           *_files(workdir), *ARGS, "--out", str(workdir / "two")]
-    run = subprocess.run(cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True,
-                         timeout=120)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29561",
+        "-m",
+        "moe_interp.ceft.train",
+        *_files(workdir),
+        *ARGS,
+        "--out",
+        str(workdir / "two"),
+    ]
+    run = subprocess.run(
+        cmd, env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     meta = json.loads((workdir / "two" / "deltas.json").read_text())
     assert meta["num_processes"] == 2
-    one, two = load_file(str(workdir / "one" / "deltas.safetensors")), load_file(
-        str(workdir / "two" / "deltas.safetensors"))
+    one, two = (
+        load_file(str(workdir / "one" / "deltas.safetensors")),
+        load_file(str(workdir / "two" / "deltas.safetensors")),
+    )
     assert set(one) == set(two)
     for k in one:
         assert one[k].abs().max() > 1e-3  # trained
@@ -90,8 +119,13 @@ def test_resume_after_sigkill(workdir):
 
     args = [*_files(workdir), *ARGS, "--checkpoint-every", "2"]
     out = workdir / "killed"
-    run = subprocess.run([sys.executable, "-c", KILLER, *args, "--out", str(out)], env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", KILLER, *args, "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == -9, run.stderr[-3000:]
     assert not (out / "deltas.json").exists()
     assert json.loads((out / "checkpoint" / "progress.json").read_text())["step"] == 2
@@ -108,21 +142,51 @@ def test_accumulation_and_options(tokenizer, tmp_path):
     data, dev = qa_records(8), qa_records(4)
     base = CEFTConfig(lr=1e-2, epochs=1, batch_size=4)
     ref = train(model, tokenizer, data, dev, method=ceft({0: [1]}), config=base, progress=False)
-    acc = train(model, tokenizer, data, dev, method=ceft({0: [1]}), progress=False,
-                config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, grad_accum=2))
+    acc = train(
+        model,
+        tokenizer,
+        data,
+        dev,
+        method=ceft({0: [1]}),
+        progress=False,
+        config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, grad_accum=2),
+    )
     for k in ref.deltas:
         torch.testing.assert_close(acc.deltas[k], ref.deltas[k], rtol=0, atol=1e-6)
-    gc = train(model, tokenizer, data, dev, method=ceft({0: [1]}), progress=False,
-               config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, gradient_checkpointing=True))
+    gc = train(
+        model,
+        tokenizer,
+        data,
+        dev,
+        method=ceft({0: [1]}),
+        progress=False,
+        config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, gradient_checkpointing=True),
+    )
     for k in ref.deltas:
         torch.testing.assert_close(gc.deltas[k], ref.deltas[k], rtol=0, atol=1e-6)
     assert not model.is_activation_checkpointing and not model.training
-    bf = train(model, tokenizer, data, None, method=router_tuning(), progress=False, out=tmp_path / "rt",
-               config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, mixed_precision="bf16"))
+    bf = train(
+        model,
+        tokenizer,
+        data,
+        None,
+        method=router_tuning(),
+        progress=False,
+        out=tmp_path / "rt",
+        config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, mixed_precision="bf16"),
+    )
     assert all(t.isfinite().all() for t in bf.deltas.values())
     assert load_result(tmp_path / "rt").trainable == bf.trainable
     with pytest.raises(InputError, match="other settings"):
-        train(model, tokenizer, data, None, method=router_tuning(lr=0.5), out=tmp_path / "rt",
-              config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, mixed_precision="bf16"), progress=False)
+        train(
+            model,
+            tokenizer,
+            data,
+            None,
+            method=router_tuning(lr=0.5),
+            out=tmp_path / "rt",
+            config=CEFTConfig(lr=1e-2, epochs=1, batch_size=4, mixed_precision="bf16"),
+            progress=False,
+        )
     with pytest.raises(InputError, match="grad_accum"):
         CEFTConfig(batch_size=5, grad_accum=2)

@@ -31,9 +31,16 @@ def test_table_and_figure(tokenizer, tmp_path):
         "RT": train(model, tokenizer, data, method=router_tuning(), config=cfg, progress=False),
     }
     closed = to_examples([{"id": "m1", "question": "Where is the Eiffel Tower?", "true_object": "Paris"}])
-    rows = evaluate_methods(model, tokenizer, results, {"ctx": to_examples(data), "memorised": closed},
-                            out=tmp_path, total=sum(p.numel() for p in model.parameters()),
-                            max_new_tokens=2, batch_size=4)
+    rows = evaluate_methods(
+        model,
+        tokenizer,
+        results,
+        {"ctx": to_examples(data), "memorised": closed},
+        out=tmp_path,
+        total=sum(p.numel() for p in model.parameters()),
+        max_new_tokens=2,
+        batch_size=4,
+    )
     assert list(rows["method"].unique()) == ["Base", "CEFT", "RT"]
     assert rows.set_index("method")["trainable"].to_dict()["CEFT"] == results["CEFT"].trainable
     assert (tmp_path / "CEFT" / "ctx.jsonl").is_file()
