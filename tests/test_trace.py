@@ -122,13 +122,16 @@ def test_dense_layers_keep_model_numbering(tokenizer):
         t.layer_index(1)
 
 
-def test_attention_to_spans_matches_eager_maps(model_type, tokenizer):
+@pytest.mark.parametrize("full", [True, False], ids=["with-maps", "spans-only"])
+def test_attention_to_spans_matches_eager_maps(model_type, tokenizer, full):
+    """Spans only: masses come from the fused kernel (span indicators as values); with maps: from the
+    probabilities. Both against transformers' own eager attention maps."""
     sdpa = make_model(model_type, attn="sdpa")
     eager = make_model(model_type, attn="eager")
     answers = ["Paris", None, None]
     contexts = [CONTEXT, None, None]
     t = moe_interp.trace(
-        sdpa, PROMPTS, context=contexts, answer=answers, tokenizer=tokenizer, full_attention=True
+        sdpa, PROMPTS, context=contexts, answer=answers, tokenizer=tokenizer, full_attention=full
     )
     ids, mask = _padded(tokenizer, PROMPTS)
     with torch.no_grad():
@@ -144,7 +147,10 @@ def test_attention_to_spans_matches_eager_maps(model_type, tokenizer):
     by_layer = dict(zip(t.attention_layers, ref, strict=True)) if len(ref) == len(t.attention_layers) else ref
     for li, layer in enumerate(t.attention_layers):
         probs = by_layer[layer][0, :, :n0, :n0]  # [H, T, T]
-        torch.testing.assert_close(t.attention_maps[0][li], probs, atol=1e-5, rtol=0)
+        if full:
+            torch.testing.assert_close(t.attention_maps[0][li], probs, atol=1e-5, rtol=0)
+        else:
+            assert t.attention_maps is None
         mass = torch.einsum("hqk,sk->qhs", probs, span_tok)
         torch.testing.assert_close(t.attn_to_spans[li, t.token_slice(0)], mass, atol=1e-5, rtol=0)
     # prompts without spans pay no attention to them

@@ -75,7 +75,12 @@ def _as_pairs(offsets: Any) -> list[tuple[int, int]]:
         offsets = offsets.tolist()
     pairs = []
     for i, pair in enumerate(offsets):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, int) for x in pair):
+        if (
+            not isinstance(pair, (list, tuple))
+            or len(pair) != 2
+            or not isinstance(pair[0], int)
+            or not isinstance(pair[1], int)
+        ):
             raise InputError(
                 f"offsets[{i}] = {pair!r} is not a (start, end) pair; pass the offsets of ONE sequence "
                 "(e.g. enc['offset_mapping'][0])"
