@@ -26,7 +26,8 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_masked_experts_never_selected(model_type, tokenizer):
+@pytest.mark.parametrize("renormalize", [False, True], ids=["keep-softmax", "renormalize"])
+def test_masked_experts_never_selected(model_type, tokenizer, renormalize):
     model = make_model(model_type)
     before, hooks = _state(model), _hooks(model)
     base = trace(model, PROMPTS, tokenizer=tokenizer, attention=False)
@@ -37,7 +38,7 @@ def test_masked_experts_never_selected(model_type, tokenizer):
         layer: torch.argsort(counts[i], descending=True, stable=True)[: max(1, k)].tolist()
         for i, layer in enumerate(base.layers)
     }
-    with mask_experts(model, spec) as used:
+    with mask_experts(model, spec, renormalize=renormalize) as used:
         assert used == {layer: sorted(v) for layer, v in spec.items()}
         masked = trace(model, PROMPTS, tokenizer=tokenizer, attention=False)
     for i, layer in enumerate(masked.layers):
@@ -100,3 +101,25 @@ def test_frame_spec_and_errors():
         with mask_experts(model, {0: list(range(7))}):
             pass
     assert get_architecture(model).model_type == "qwen2_moe"
+
+
+def test_renormalize_softmax_over_remaining_experts(tokenizer):
+    """OLMoE (softmax, then top-k, no renormalisation): kept weights are the softmax over all experts, or,
+    with renormalize=True, over the unmasked experts only; recomputed here from the recorded logits."""
+    model = make_model("olmoe")
+    spec = {m.number: [0, 1] for m in get_architecture(model).moe_layers(model)}
+    for renormalize in (False, True):
+        with mask_experts(model, spec, renormalize=renormalize):
+            t = trace(model, PROMPTS, tokenizer=tokenizer, attention=False)
+        logits = t.router_logits.clone()
+        if renormalize:
+            logits[..., [0, 1]] = float("-inf")
+        probs = logits.softmax(-1)
+        probs[..., [0, 1]] = -1.0  # never chosen
+        want, idx = probs.topk(t.top_k, dim=-1)
+        torch.testing.assert_close(t.topk_weights, want, atol=1e-6, rtol=0)
+        assert torch.equal(t.topk_indices, idx)
+    with mask_experts(model, spec), pytest.raises(InputError, match="renormalize"):
+        with mask_experts(model, spec, renormalize=True):
+            pass
+    assert active_masks(model) == {}

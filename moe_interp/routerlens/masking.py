@@ -5,9 +5,12 @@ the router's output:
 
 - routers returning ``(logits, weights, indices)``: weights and indices are recomputed with
   ``arch.rule.route(logits, ..., blocked=mask)``, i.e. the model's own rule with the masked experts excluded
-  from the choice (their probability mass is *not* redistributed: a softmax router keeps its softmax over
-  all experts, exactly as ``RoutingRule.route`` documents);
-- routers returning logits only (DBRX): the masked logits are set to ``-inf`` before the block's own rule;
+  from the choice. By default their probability mass is *not* redistributed (a softmax router keeps its
+  softmax over all experts, as ``RoutingRule.route`` documents); with ``renormalize=True`` the masked logits
+  are set to ``-inf`` first, so the softmax runs over the remaining experts only (as if the experts had
+  been removed from the model);
+- routers returning logits only (DBRX): the masked logits are set to ``-inf`` before the block's own rule
+  (so these always renormalise);
 - expert-grouped routers (JetMoE): the sorted index, token index, gates and expert sizes are rebuilt from
   the rule's choice;
 - dense-score routers (Llama-4, ``router_output=("scores", "logits")``): the dense scores are rebuilt from
@@ -91,9 +94,11 @@ def expert_spec(model: nn.Module, experts: Mapping[int, Any] | Any) -> ExpertSpe
 class _RouterMask:
     """The single hook on one router; applies the union of all active masks on that router."""
 
-    def __init__(self, arch: MoEArchitecture, layer: MoELayer, config, n_experts: int, top_k: int):
+    def __init__(
+        self, arch: MoEArchitecture, layer: MoELayer, config, n_experts: int, top_k: int, renormalize: bool
+    ):
         self.arch, self.layer, self.config = arch, layer, config
-        self.n_experts, self.top_k = n_experts, top_k
+        self.n_experts, self.top_k, self.renormalize = n_experts, top_k, renormalize
         self.active: list[torch.Tensor] = []  # [E] bool each
         self.handle = layer.router.register_forward_hook(self)
 
@@ -113,8 +118,9 @@ class _RouterMask:
         blocked = blocked.to(logits.device)
         if names == ("logits",):
             return logits.masked_fill(blocked, NEG_INF)
+        scores = logits.masked_fill(blocked, NEG_INF) if self.renormalize else logits
         weights, indices = self.arch.rule.route(
-            logits, self.config, self.top_k, self.layer.router, blocked=blocked
+            scores, self.config, self.top_k, self.layer.router, blocked=blocked
         )
         if blocked[indices].any():
             raise InputError(
@@ -161,13 +167,18 @@ _MASKS: weakref.WeakKeyDictionary[nn.Module, _RouterMask] = weakref.WeakKeyDicti
 
 
 @contextmanager
-def mask_experts(model: nn.Module, experts: Mapping[int, Any] | Any) -> Iterator[ExpertSpec]:
+def mask_experts(
+    model: nn.Module, experts: Mapping[int, Any] | Any, *, renormalize: bool = False
+) -> Iterator[ExpertSpec]:
     """Make ``experts`` unselectable inside the ``with`` block; yields the normalised spec.
 
     Args:
         model: a transformers MoE model of a registered architecture.
         experts: ``{layer: [expert, ...]}`` (model-numbered decoder layers) or a frame with ``layer`` and
             ``expert`` columns; see :func:`expert_spec`.
+        renormalize: remove the masked experts before the softmax (the remaining experts' weights are
+            renormalised over them) instead of only excluding them from the choice (the default, which
+            keeps every other weight exactly as the model computes it). Nested masks must agree.
 
     Nested masks on the same model are combined (union). Hooks are removed on exit, also on exceptions; an
     empty spec installs nothing. Raises :class:`~moe_interp.errors.InputError` during the forward pass if a
@@ -191,7 +202,14 @@ def mask_experts(model: nn.Module, experts: Mapping[int, Any] | Any) -> Iterator
             layer = layers[number]
             state = _MASKS.get(layer.router)
             if state is None:
-                state = _MASKS[layer.router] = _RouterMask(arch, layer, model.config, n_experts, top_k)
+                state = _MASKS[layer.router] = _RouterMask(
+                    arch, layer, model.config, n_experts, top_k, renormalize
+                )
+            elif state.renormalize != renormalize:
+                raise InputError(
+                    f"layer {number} is already masked with renormalize={state.renormalize}; nested masks "
+                    "must use the same renormalize setting"
+                )
             mask = torch.zeros(n_experts, dtype=torch.bool)
             mask[ids] = True
             state.active.append(mask)
