@@ -44,6 +44,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from moe_interp.answer_loss import (
+    AnswerLossExample,
+    check_run_settings,
+    encode_answer_loss,
+    fingerprint,
+    pad_id,
+)
 from moe_interp.atomic import atomic_write
 from moe_interp.ceft.deltas import DeltaSet, attached_deltas, describe
 from moe_interp.ceft.targets import DeltaTarget, Method, count_parameters, count_trainable, resolve_targets
@@ -51,7 +58,6 @@ from moe_interp.data.example import QAExample
 from moe_interp.errors import InputError
 from moe_interp.evaluation import left_pad, write_json_atomic
 from moe_interp.routerlens.data import to_examples
-from moe_interp.routerlens.tuning import RouterTuningConfig, _encode, _Encoded, _fingerprint, _pad_id
 from moe_interp.signature import forward_accepts
 
 DELTAS_FILE = "deltas.safetensors"
@@ -164,7 +170,7 @@ class _Slots(torch.utils.data.Dataset):
     all processes). Each slot carries its micro-batch's pad length, label width and the step's token count,
     so every process pads exactly as a single process would."""
 
-    def __init__(self, enc: Sequence[_Encoded], order: list[int], micro: int, accum: int):
+    def __init__(self, enc: Sequence[AnswerLossExample], order: list[int], micro: int, accum: int):
         self.enc, self.order, self.micro = enc, order, micro
         n_micro = len(order) // micro
         self.length = [0] * n_micro
@@ -278,20 +284,6 @@ def _find_checkpoint(folder: Path) -> Path | None:
     return None
 
 
-def _check_or_write_meta(file: Path, meta: dict[str, Any], is_main: bool) -> None:
-    if file.exists():
-        old = json.loads(file.read_text())
-        new = json.loads(json.dumps(meta))
-        if old != new:
-            diff = sorted(k for k in new if old.get(k) != new[k])
-            raise InputError(
-                f"{file.parent} holds a CEFT run with other settings (differs in {diff}); "
-                "use another output folder"
-            )
-    elif is_main:
-        write_json_atomic(file, meta)
-
-
 def load_result(path: str | os.PathLike[str]) -> CEFTResult:
     """Read a finished CEFT output folder without the model or data."""
     path = Path(path)
@@ -346,9 +338,9 @@ def train(
 
     cfg = config or CEFTConfig()
     lr = method.lr if method.lr is not None else cfg.lr
-    rt_cfg = RouterTuningConfig(max_length=cfg.max_length, template=cfg.template, append_eos=cfg.append_eos)
-    train_enc = _encode(tokenizer, to_examples(train), rt_cfg, "train")
-    dev_enc = _encode(tokenizer, to_examples(dev), rt_cfg, "dev") if dev else []
+    enc = dict(max_length=cfg.max_length, template=cfg.template, append_eos=cfg.append_eos)
+    train_enc = encode_answer_loss(tokenizer, to_examples(train), **enc, what="train")
+    dev_enc = encode_answer_loss(tokenizer, to_examples(dev), **enc, what="dev") if dev else []
     if len(train_enc) < cfg.batch_size:
         raise InputError(f"{len(train_enc)} training examples are fewer than one batch ({cfg.batch_size})")
     targets = resolve_targets(model, method)
@@ -356,8 +348,8 @@ def train(
         "method": method.to_dict(),
         "config": cfg.to_dict(),
         "lr": lr,
-        "train": {"n": len(train_enc), "fingerprint": _fingerprint(train_enc)},
-        "dev": {"n": len(dev_enc), "fingerprint": _fingerprint(dev_enc)},
+        "train": {"n": len(train_enc), "fingerprint": fingerprint(train_enc)},
+        "dev": {"n": len(dev_enc), "fingerprint": fingerprint(dev_enc)},
         "model": {"type": model.config.model_type, "parameters": count_parameters(model)},
         "targets": describe(targets),
         "trainable": count_trainable(targets),
@@ -380,12 +372,12 @@ def train(
     path = Path(out) if out is not None else None
     if path is not None:
         if (path / META_FILE).is_file() and (path / DELTAS_FILE).is_file():
-            _check_or_write_meta(path / "run.json", meta, accelerator.is_main_process)
+            check_run_settings(path / "run.json", meta, "CEFT", write=accelerator.is_main_process)
             return load_result(path)
         if accelerator.is_main_process:
             path.mkdir(parents=True, exist_ok=True)
         accelerator.wait_for_everyone()
-        _check_or_write_meta(path / "run.json", meta, accelerator.is_main_process)
+        check_run_settings(path / "run.json", meta, "CEFT", write=accelerator.is_main_process)
 
     order = _schedule(len(train_enc), cfg)
     steps_per_epoch = len(train_enc) // cfg.batch_size
@@ -400,7 +392,7 @@ def train(
             best = load_file(str(ckpt / "best.safetensors"))
 
     keep_arg = forward_accepts(model, "logits_to_keep")
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     was_training = model.training
     had_gc = bool(getattr(model, "is_activation_checkpointing", False))
     start = time.perf_counter()
@@ -533,7 +525,9 @@ def _register_hooks(accelerator, deltas: DeltaSet) -> list[Any]:
 
 
 @torch.no_grad()
-def _dev_loss(accelerator, model: nn.Module, dev: Sequence[_Encoded], cfg: CEFTConfig, keep: bool, pad: int):
+def _dev_loss(
+    accelerator, model: nn.Module, dev: Sequence[AnswerLossExample], cfg: CEFTConfig, keep: bool, pad: int
+):
     """Mean answer-token loss on ``dev``; each process takes every ``world``-th length-sorted batch."""
     order = sorted(range(len(dev)), key=lambda i: len(dev[i].head) + len(dev[i].tail))
     batches = [order[s : s + cfg.eval_batch_size] for s in range(0, len(order), cfg.eval_batch_size)]

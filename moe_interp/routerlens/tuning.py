@@ -23,7 +23,6 @@ Output folder (``out``):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -38,13 +37,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from moe_interp.answer_loss import (
+    AnswerLossExample,
+    check_run_settings,
+    encode_answer_loss,
+    fingerprint,
+    pad_id,
+)
 from moe_interp.architectures import get_architecture
 from moe_interp.atomic import atomic_write
 from moe_interp.data.example import QAExample
 from moe_interp.errors import InputError
-from moe_interp.evaluation import left_pad, split_continuation, write_json_atomic
+from moe_interp.evaluation import left_pad, write_json_atomic
 from moe_interp.hooks import ModelPatch
-from moe_interp.prompts import format_example
 from moe_interp.routerlens.data import to_examples
 from moe_interp.signature import forward_accepts
 
@@ -198,42 +203,15 @@ def applied_router_weights(
                 p.copy_(saved[name])
 
 
-# ------------------------------------------------------------------------------------------ data
-@dataclass
-class _Encoded:
-    head: list[int]  # prompt ids
-    tail: list[int]  # answer ids (+ EOS): the loss positions
-
-
-def _encode(tokenizer, examples: Sequence[QAExample], cfg: RouterTuningConfig, what: str) -> list[_Encoded]:
-    eos = tokenizer.eos_token_id if cfg.append_eos else None
-    out = []
-    for i, ex in enumerate(examples):
-        if not ex.answers:
-            raise InputError(f"{what}[{i}] (id {ex.id!r}) has no answer to train on")
-        fp = format_example(ex, tokenizer, template=cfg.template, tokenize=False)
-        head, tail = split_continuation(
-            tokenizer, fp.text, fp.answer_prefix + ex.answers[0], add_special_tokens=fp.add_special_tokens
-        )
-        tail = tail + ([eos] if eos is not None else [])
-        tail = tail[: cfg.max_length - 1]
-        head = head[-(cfg.max_length - len(tail)) :]
-        out.append(_Encoded(head, tail))
-    return out
-
-
-def _fingerprint(encoded: Sequence[_Encoded]) -> str:
-    h = hashlib.sha256()
-    for e in encoded:
-        h.update(json.dumps([e.head, e.tail]).encode())
-    return h.hexdigest()[:16]
-
-
-def _pad_id(tokenizer) -> int:
-    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tid is not None:
-            return int(tid)
-    return 0
+def _encode(tokenizer, examples, cfg: RouterTuningConfig, what: str) -> list[AnswerLossExample]:
+    return encode_answer_loss(
+        tokenizer,
+        examples,
+        template=cfg.template,
+        max_length=cfg.max_length,
+        append_eos=cfg.append_eos,
+        what=what,
+    )
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -245,7 +223,7 @@ class _Trainer:
         self.names = router_parameter_names(model)
         self.params = dict(model.named_parameters())
         self.device = self.params[self.names[0]].device
-        self.pad = _pad_id(tokenizer)
+        self.pad = pad_id(tokenizer)
         self.keep_arg = forward_accepts(model, "logits_to_keep")
         g = torch.Generator().manual_seed(cfg.seed)
         self.trainable: dict[str, torch.Tensor] = {}
@@ -274,7 +252,7 @@ class _Trainer:
             out[n] = (self.params[n].float() + self.scale * delta).to(self.params[n].dtype)
         return out
 
-    def loss_sums(self, batch: Sequence[_Encoded]) -> tuple[torch.Tensor, int]:
+    def loss_sums(self, batch: Sequence[AnswerLossExample]) -> tuple[torch.Tensor, int]:
         """Summed answer-token cross-entropy of ``batch`` (left-padded) and the number of answer tokens."""
         ids, mask = left_pad([e.head + e.tail for e in batch], self.pad)
         keep = max(len(e.tail) for e in batch) + 1
@@ -299,7 +277,7 @@ class _Trainer:
         return loss, sum(len(e.tail) for e in batch)
 
     @torch.no_grad()
-    def dev_loss(self, dev: Sequence[_Encoded]) -> float:
+    def dev_loss(self, dev: Sequence[AnswerLossExample]) -> float:
         total, n = 0.0, 0
         order = sorted(range(len(dev)), key=lambda i: len(dev[i].head) + len(dev[i].tail))
         bs = self.cfg.eval_batch_size
@@ -367,8 +345,8 @@ def tune_routers(
         "config": cfg.to_dict(),
         "model_type": arch.model_type,
         "model": str(getattr(model.config, "_name_or_path", "") or ""),
-        "train_fingerprint": _fingerprint(train_enc),
-        "dev_fingerprint": _fingerprint(dev_enc),
+        "train_fingerprint": fingerprint(train_enc),
+        "dev_fingerprint": fingerprint(dev_enc),
         "n_train": len(train_enc),
         "n_dev": len(dev_enc),
         "steps": total,
@@ -382,7 +360,7 @@ def tune_routers(
                 load_router_weights(model, finished.weights)
             return finished
         path.mkdir(parents=True, exist_ok=True)
-        _check_or_write_meta(path / "run.json", meta)
+        check_run_settings(path / "run.json", meta, "router-tuning")
 
     trainer = _Trainer(model, tokenizer, cfg)
     from transformers import get_cosine_schedule_with_warmup
@@ -499,23 +477,10 @@ def tune_routers(
     return result
 
 
-def _check_or_write_meta(file: Path, meta: dict[str, Any]) -> None:
-    if file.exists():
-        old = json.loads(file.read_text())
-        if old != json.loads(json.dumps(meta)):
-            diff = sorted(k for k in meta if old.get(k) != json.loads(json.dumps(meta[k])))
-            raise InputError(
-                f"{file.parent} holds a router-tuning run with other settings (differs in {diff}); "
-                "use another output folder"
-            )
-    else:
-        write_json_atomic(file, meta)
-
-
 def _load_finished(path: Path, meta: dict[str, Any]) -> RouterTuningResult | None:
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         return None
-    _check_or_write_meta(path / "run.json", meta)
+    check_run_settings(path / "run.json", meta, "router-tuning")
     return load_tuning_result(path)
 
 
