@@ -373,6 +373,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tail-p-context", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy CPU)")
     ap.add_argument("--no-export", action="store_true", help="do not write moe_interp/demo/weights")
+    ap.add_argument(
+        "--frozen-embeddings",
+        type=float,
+        default=0.0,
+        metavar="STD",
+        help="tie input and output embeddings to one random N(0, STD^2) matrix that is never trained, so "
+        "that facts cannot be stored in a direct embedding-to-unembedding path and must live in the "
+        "experts (0 = off)",
+    )
     args = ap.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
@@ -393,16 +402,25 @@ def main(argv: list[str] | None = None) -> None:
         tok.save_pretrained(out / "tokenizer")
 
     torch.manual_seed(args.seed)
+    model_kw = dict(MODEL_KW, tie_word_embeddings=bool(args.frozen_embeddings))
     config = OlmoeConfig(
         vocab_size=len(tok),
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
-        **MODEL_KW,
+        **model_kw,
     )
     config._attn_implementation = "sdpa"
     model = OlmoeForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    if args.frozen_embeddings:
+        emb = model.get_input_embeddings().weight
+        with torch.no_grad():
+            emb.normal_(0.0, args.frozen_embeddings, generator=torch.Generator().manual_seed(args.seed))
+        emb.requires_grad_(False)
+        model.tie_weights()
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01
+    )
     state = {"step": 0, "epoch": 0, "batch": 0, "elapsed": 0.0, "tokens": 0}
     log: list[dict] = []
     if resume:
@@ -515,7 +533,8 @@ def main(argv: list[str] | None = None) -> None:
         "answer_weight": ANSWER_WEIGHT,
         "tokens_per_batch": TOKENS_PER_BATCH,
         "n_params": n_params,
-        "model": MODEL_KW,
+        "frozen_embeddings": args.frozen_embeddings,
+        "model": model_kw,
         "log": log,
     }
     (out / "train_meta.json").write_text(json.dumps(meta, indent=1))
