@@ -559,6 +559,30 @@ def _score_rows(
     return rows
 
 
+_PROBE_TEXT = "Question: What is the capital of France?\nAnswer:"
+
+
+@torch.no_grad()
+def _probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
+    ids = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"][-32:]
+    device = next(model.parameters()).device
+    with preserved_mode(model):
+        model.eval()
+        return model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
+
+
+def model_probe(model: Any, tokenizer: Any) -> dict[str, list]:
+    """The model's five largest next-token logits after a fixed text: a behavioural fingerprint that also
+    sees expert masks, tuned router weights and other hooks (a resumed evaluation must match it)."""
+    top = _probe_logits(model, tokenizer).topk(5)
+    return {"ids": top.indices.tolist(), "logits": [round(float(v), 4) for v in top.values]}
+
+
+def _same_model(old: dict[str, list], model: Any, tokenizer: Any) -> bool:
+    got = _probe_logits(model, tokenizer)[torch.tensor(old["ids"])]
+    return bool(torch.allclose(got, torch.tensor(old["logits"]), rtol=2e-2, atol=2e-2))
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -585,7 +609,9 @@ def evaluate(
             ids already there (a torn last line is dropped and recomputed; rows of ids not in
             ``examples`` stay in the file but not in the frame). The configuration is kept in
             ``<out stem>.config.json`` (a rerun with another mode / template / stop / match /
-            max_new_tokens is refused) and the summary in ``<out stem>.summary.json``, written atomically.
+            max_new_tokens is refused, and so is a model that answers a fixed probe differently, e.g.
+            another checkpoint or the same one under expert masks) and the summary in
+            ``<out stem>.summary.json``, written atomically.
         match: How ``pc`` / ``po`` compare predictions (``"contains"`` or ``"em"``).
 
     Returns:
@@ -621,12 +647,18 @@ def evaluate(
         cfg_path = _sidecar(path, "config")
         if cfg_path.exists():
             old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            probe = old.pop("model_probe", None)
             if old != config:
                 raise InputError(
                     f"{path} was written with configuration {old}, not {config}; use another out path"
                 )
+            if probe is not None and not _same_model(probe, model, tokenizer):
+                raise InputError(
+                    f"{path} was written by a model that answers differently (another checkpoint, or "
+                    "expert masks / tuned routers applied or not); use another out path"
+                )
         else:
-            write_json_atomic(cfg_path, config)
+            write_json_atomic(cfg_path, {**config, "model_probe": model_probe(model, tokenizer)})
         done = read_results(path, required=columns)
     wanted = {ex.id for ex in examples}
     pending = [i for i, ex in enumerate(examples) if ex.id not in done]

@@ -355,3 +355,19 @@ def test_evaluate_survives_sigkill(model, tokenizer, tmp_path):
     full = evaluate(model, tokenizer, _examples(), max_new_tokens=4, batch_size=2, progress=False)
     resumed = evaluate(model, tokenizer, _examples(), out=out, max_new_tokens=4, batch_size=2, progress=False)
     pd.testing.assert_frame_equal(resumed, full)
+
+
+def test_resume_refuses_a_model_that_answers_differently(tmp_path):
+    """Rows written by one model are never reused for another (here: the same model under expert masks)."""
+    from moe_interp.demo import load_demo
+    from moe_interp.routerlens import demo_examples, mask_experts
+
+    model, tok = load_demo()
+    examples = demo_examples("conflict_test", limit=4)
+    out = tmp_path / "r.jsonl"
+    first = evaluate(model, tok, examples, out=out, progress=False, max_new_tokens=4)
+    again = evaluate(model, tok, examples, out=out, progress=False, max_new_tokens=4)
+    assert again.EM == first.EM
+    spec = {m: list(range(8)) for m in range(4)}
+    with mask_experts(model, spec), pytest.raises(InputError, match="answers differently"):
+        evaluate(model, tok, examples, out=out, progress=False, max_new_tokens=4)

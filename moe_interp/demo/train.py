@@ -302,12 +302,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def _tensors(model) -> dict[str, torch.Tensor]:
+    """The state dict as separate contiguous tensors (tied weights would share memory, which safetensors
+    refuses)."""
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
 def _save_ckpt(out: Path, model, opt, state: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = out / "ckpt.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file(_tensors(model), str(tmp / "model.safetensors"))
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state))
     final = out / "ckpt"
@@ -497,7 +503,7 @@ def main(argv: list[str] | None = None) -> None:
             snap = out / "snapshots"
             snap.mkdir(exist_ok=True)
             save_file(
-                {k: v.contiguous() for k, v in model.state_dict().items()},
+                _tensors(model),
                 str(snap / f"step{state['step']:05d}.safetensors"),
             )
             _save_ckpt(out, model, opt, {**state, "log": log})
