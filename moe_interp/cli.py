@@ -31,10 +31,16 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
 
 def load_model_arg(spec: str, *, trust_remote_code: bool = False, dtype: str | None = None):
     """``demo`` -> the embedded demo model; anything else is a local model folder (safetensors only)."""
+    if dtype is not None:
+        import torch
+
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise MoEInterpError(f"--dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16, float16)")
     if spec == "demo":
         from moe_interp.demo import load_demo
 
-        return load_demo()
+        model, tok = load_demo()
+        return (model.to(getattr(torch, dtype)) if dtype else model), tok
     from moe_interp.loading import load_model
 
     return load_model(spec, trust_remote_code=trust_remote_code, dtype=dtype, require_moe=True)
@@ -126,7 +132,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument(
-        "--dataset", required=True, help="a data set name (see moe_interp.data.list_datasets) or a file"
+        "--dataset",
+        required=True,
+        help="a data set name (see moe_interp.data.list_datasets) or a JSON/JSONL file of records with "
+        "question / context / answers fields (see moe_interp.data.load_examples)",
     )
     p.add_argument("--split", default=None)
     p.add_argument("--limit", type=int, default=None)
@@ -137,13 +146,17 @@ def _evaluate_options(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "EM/F1 and Pc/Po of a model on a context-QA data set (resumable)", _evaluate_options)
 def _evaluate(args: argparse.Namespace) -> int:
-    from moe_interp.data import load_dataset
+    from moe_interp.data import list_datasets, load_dataset, load_examples
     from moe_interp.evaluation import evaluate
 
+    if args.dataset not in list_datasets() and Path(args.dataset).is_file():
+        examples = load_examples(args.dataset, limit=args.limit)
+    else:
+        examples = load_dataset(args.dataset, args.split, limit=args.limit)
     model, tok = load_model_arg(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
-    examples = load_dataset(args.dataset, args.split, limit=args.limit)
     frame = evaluate(model, tok, examples, out=args.out, mode=args.mode, batch_size=args.batch_size)
-    print(json.dumps(frame.summary(), indent=1, default=float))
+    summary = {k: (None if isinstance(v, float) and v != v else v) for k, v in frame.summary().items()}
+    print(json.dumps(summary, indent=1, default=float))
     return 0
 
 
@@ -163,14 +176,20 @@ PIPELINES = {
 }
 
 
-def _run_pipeline(module: str, argv: list[str]) -> int:
+def _run_pipeline(name: str, argv: list[str]) -> int:
     from importlib import import_module
 
+    module = PIPELINES[name][0]
     try:
         entry = import_module(module).main
     except ModuleNotFoundError as exc:
         raise MoEInterpError(f"{module} is not available in this installation ({exc})") from exc
-    result = entry(argv)
+    program = sys.argv[0]
+    sys.argv[0] = f"moe-interp {name}"  # the pipeline's --help and errors name the subcommand
+    try:
+        result = entry(argv)
+    finally:
+        sys.argv[0] = program
     return result if isinstance(result, int) else 0
 
 
@@ -221,35 +240,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = parser.parse_known_args(argv)
-    if args.command not in PIPELINES and extra:
-        parser.parse_args(argv)  # reports the unrecognised arguments, exit 2
+    traceback = "--traceback" in argv  # accepted before or after the subcommand
+    argv = [a for a in argv if a != "--traceback"]
+    first = next((a for a in argv if not a.startswith("-")), None)
+    command_name = first or "?"
     try:
-        if args.command in PIPELINES:
-            rest = list(args.rest) + extra
+        if first in PIPELINES:  # the pipeline's own parser reads everything after its name
+            rest = argv[argv.index(first) + 1 :]
             if "--config" in rest:
                 at = rest.index("--config")
                 if at + 1 >= len(rest):
                     raise MoEInterpError("--config needs a file name")
                 rest = _config_to_argv(_read_config(rest[at + 1])) + rest[:at] + rest[at + 2 :]
-            return _run_pipeline(PIPELINES[args.command][0], rest)
+            return _run_pipeline(first, rest)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command_name = args.command
         if getattr(args, "config", None):
-            sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
-            known = {a.dest for a in sub._actions}  # noqa: SLF001
-            values = _read_config(args.config)
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise MoEInterpError(f"config file {args.config}: unknown option(s) {unknown}")
-            sub.set_defaults(**values)
-            args = parser.parse_args(argv)
+            args = _apply_config(parser, args)
         return _COMMANDS[args.command][2](args)
     except (MoEInterpError, FileNotFoundError, ValueError, OSError, KeyError) as exc:
-        if args.traceback:
+        if traceback:
             raise
-        print(f"moe-interp {args.command}: error: {exc}", file=sys.stderr)
+        print(f"moe-interp {command_name}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Options from ``--config`` where the command line left them at their defaults (flags win)."""
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # noqa: SLF001
+    actions = {a.dest: a for a in sub._actions}  # noqa: SLF001
+    values = _read_config(args.config)
+    unknown = sorted(set(values) - set(actions))
+    if unknown:
+        raise MoEInterpError(f"config file {args.config}: unknown option(s) {unknown}")
+    for key, value in values.items():
+        action = actions[key]
+        if getattr(args, key) != action.default:
+            continue  # given on the command line
+        if isinstance(action, argparse._AppendAction) and isinstance(value, str):  # noqa: SLF001
+            value = [value]
+        if action.type is not None and value is not None and not isinstance(value, list):
+            value = action.type(value)
+        setattr(args, key, value)
+    return args
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from moe_interp.demo import load_demo, load_split
+from moe_interp.errors import InputError
 from moe_interp.plotting import plot_selection_heatmap, save_figure
 from moe_interp.prompts import build_prompt
 from moe_interp.trace import trace
@@ -27,6 +28,8 @@ SPANS = ("all", "context", "answer")
 
 def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figures", example: int = 0) -> str:
     """Run the demo job and return the summary text (also written to ``out_dir``)."""
+    if n_examples < 1 or batch_size < 1:
+        raise InputError(f"need examples >= 1 and batch size >= 1, got {n_examples} and {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -44,8 +44,8 @@ def trace(
             nnsight model wrapping one, or a TransformerLens ``TransformerBridge``.
         prompt: one string or a list of strings (batched with right padding; padding is never recorded).
         context: substring of the prompt (or one per prompt) marked as span ``"context"``.
-        answer: substring marked as span ``"answer"`` at every occurrence inside the context (or inside
-            the prompt when no context is given).
+        answer: substring marked as span ``"answer"`` at every whole-word occurrence inside the context
+            (or inside the prompt when no context is given); at every occurrence if none is a whole word.
         tokenizer: a transformers tokenizer; defaults to ``model.tokenizer`` if the model carries one.
         attention: record the attention mass each token pays to each span (``attn_to_spans``).
         full_attention: also keep the full [A, H, T, T] attention maps per prompt.
@@ -151,6 +151,8 @@ def trace(
 def _as_list(value, name: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, (bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise InputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
     items = list(value)
     for i, item in enumerate(items):
         if not isinstance(item, str):
@@ -162,10 +164,18 @@ def _as_list(value, name: str) -> list[str]:
 
 def _broadcast(value, n: int, name: str) -> list[str | None]:
     if value is None or isinstance(value, str):
-        return [value] * n
-    items = list(value)
+        items = [value] * n
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise InputError(f"{name} must be a string, None or a list of them, got {type(value).__name__}")
     if len(items) != n:
         raise InputError(f"{name} has {len(items)} entries for {n} prompts")
+    for i, item in enumerate(items):
+        if item is not None and not isinstance(item, str):
+            raise InputError(f"{name}[{i}] must be a string or None, got {type(item).__name__}")
+        if item is not None and not item.strip():
+            raise InputError(f"{name}[{i}] is empty")
     return items
 
 
@@ -178,7 +188,11 @@ def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> 
         char_spans["context"] = [(start, start + len(context))]
     if answer is not None:
         lo, hi = char_spans.get("context", [(0, len(prompt))])[0]
-        found = [(lo + a, lo + b) for a, b in find_answer_spans(prompt[lo:hi], answer, case="sensitive")]
+        within = prompt[lo:hi]
+        spans = find_answer_spans(within, answer, case="sensitive", whole_word=True) or find_answer_spans(
+            within, answer, case="sensitive"
+        )  # whole words ("US" not inside "USSR"); any occurrence only if there is no whole word
+        found = [(lo + a, lo + b) for a, b in spans]
         if not found:
             where = "the context" if context is not None else "the prompt"
             raise InputError(f"answer {_quote(answer)} not found in {where} of prompt {_quote(prompt)}")

@@ -95,3 +95,36 @@ def test_unsupported_model_is_a_one_line_error(tmp_path, tokenizer):
     assert res.returncode == 2
     assert "model type 'llama' is not a supported MoE architecture" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_newcomer_regressions(tmp_path, capsys, monkeypatch):
+    """Pipeline options in any order, a config's string prompt, flags replacing config lists, bad values."""
+    seen = {}
+    monkeypatch.setattr(cli, "_run_pipeline", lambda name, argv: seen.setdefault(name, argv) and 0)
+    assert cli.main(["figures", "--out", "o", "--fast"]) == 0
+    assert seen["figures"] == ["--out", "o", "--fast"]
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"out": "from-config"}))
+    cli.main(["ceft", "--out", "o", "--config", str(cfg), "--traceback"])
+    assert seen["ceft"] == ["--out", "from-config", "--out", "o"]  # later flags win in argparse
+
+    parser = cli.build_parser()
+    cfg.write_text(json.dumps({"prompt": "The capital of France is", "out": "x"}))
+    args = cli._apply_config(parser, parser.parse_args(["trace", "--config", str(cfg)]))
+    assert args.prompt == ["The capital of France is"] and args.out == "x"
+    args = cli._apply_config(parser, parser.parse_args(["trace", "--config", str(cfg), "--prompt", "B"]))
+    assert args.prompt == ["B"]
+
+    assert cli.main(["trace", "--prompt", "hi", "--dtype", "float99"]) == 2
+    assert "not a torch dtype" in capsys.readouterr().err
+    assert cli.main(["demo", "--examples", "0"]) == 2
+    assert "examples >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_a_records_file(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    record = {"question": "Where is the tower?", "context": "The tower is in Paris.", "answers": ["Paris"]}
+    data.write_text(json.dumps(record) + "\n")
+    assert cli.main(["evaluate", "--dataset", str(data), "--out", str(tmp_path / "r.jsonl")]) == 0
+    summary = json.loads(capsys.readouterr().out)  # valid JSON: no NaN
+    assert summary["n"] == 1 and summary["Po"] is None

@@ -353,3 +353,18 @@ def test_plots_render(tokenizer):
     assert (heat.z == t.topk_indices[:, :, 0].numpy()).all()
     sel = t.plot_selection()
     assert abs(sel.data[0].z.sum(1) - 1).max() < 1e-6
+
+
+def test_answer_spans_are_whole_words_and_inputs_are_checked(tokenizer):
+    model = make_model("olmoe")
+    prompt = "The USSR and the US met."
+    t = moe_interp.trace(model, prompt, answer="US", tokenizer=tokenizer, attention=False)
+    ((start, end),) = t.spans[0]["answer"]
+    assert "".join(t.tokens[start:end]).strip() == "US"
+    for bad in (5, None, {"a": "hello"}, b"hello"):
+        with pytest.raises(InputError, match="prompt must be a string"):
+            moe_interp.trace(model, bad, tokenizer=tokenizer)
+    with pytest.raises(InputError, match=r"context\[0\] must be a string"):
+        moe_interp.trace(model, [prompt], context=[5], tokenizer=tokenizer)
+    with pytest.raises(InputError, match="answer must be a string"):
+        moe_interp.trace(model, prompt, answer=5, tokenizer=tokenizer)
