@@ -154,6 +154,7 @@ class AttentionRecorder:
         fused = (
             self.on_spans is not None
             and self.rows is None
+            and _fused_pays(query, key)
             and kwargs.get("softcap") is None
             and kwargs.get("s_aux") is None
             and (kwargs.get("sliding_window") is None or attention_mask is not None)
@@ -215,6 +216,18 @@ def select_rows(
 
 
 _TAG = "_moe_interp_attention_recorder"
+
+#: attention maps at least this large (float32 bytes, per layer) use the fused span path on CPU too
+FUSED_CPU_BYTES = 256 * 2**20
+
+
+def _fused_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """The fused span path avoids materialising [B, H, Q, K] maps; on CPU it measured slower than the
+    explicit path at 8 x 256 tokens (benchmarks/trace_overhead.py), so CPU uses it only for large maps."""
+    if query.device.type != "cpu":
+        return True
+    b, h, q, _ = query.shape
+    return b * h * q * key.shape[-2] * 4 >= FUSED_CPU_BYTES
 
 
 def _register_wrapper(original: str) -> str:

@@ -98,7 +98,7 @@ class MoETrace:
 
     def token_slice(self, i: int) -> slice:
         """The flat-token range of prompt ``i``."""
-        if not 0 <= i < len(self.prompts):
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.prompts):
             raise InputError(f"prompt index {i} out of range for a trace of {len(self.prompts)} prompts")
         idx = torch.nonzero(self.example == i).flatten()
         return slice(int(idx[0]), int(idx[-1]) + 1)
@@ -184,8 +184,9 @@ class MoETrace:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (a folder): tensors.safetensors + meta.json, each replaced atomically."""
-        path = Path(path)
+        """Write ``path`` (a folder, ``~`` expanded): tensors.safetensors + meta.json, each replaced
+        atomically."""
+        path = Path(path).expanduser()
         path.mkdir(parents=True, exist_ok=True)
         tensors = {n: getattr(self, n).contiguous() for n in _TENSOR_FIELDS if getattr(self, n) is not None}
         for i, amap in enumerate(self.attention_maps or []):
@@ -203,12 +204,15 @@ class MoETrace:
     @classmethod
     def load(cls, path: str | os.PathLike) -> MoETrace:
         """Read a trace written by :meth:`save`."""
-        path = Path(path)
+        path = Path(path).expanduser()
         for name in ("tensors.safetensors", "meta.json"):
             if not (path / name).is_file():
                 raise InputError(f"{path} is not a saved MoETrace: {name} is missing")
-        meta = json.loads((path / "meta.json").read_text())
-        tensors = load_file(str(path / "tensors.safetensors"))
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            tensors = load_file(str(path / "tensors.safetensors"))
+        except Exception as exc:  # noqa: BLE001 - json, unicode and safetensors errors alike
+            raise InputError(f"{path} holds a damaged MoETrace ({type(exc).__name__}: {exc})") from exc
         maps = sorted(
             (k for k in tensors if k.startswith("attention_maps.")), key=lambda k: int(k.split(".")[1])
         )

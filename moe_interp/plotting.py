@@ -11,7 +11,8 @@ import plotly.graph_objects as go
 import torch
 
 if TYPE_CHECKING:
-    from moe_interp.moetrace import MoETrace
+    from moe_interp.errors import InputError
+from moe_interp.moetrace import MoETrace
 
 TEMPLATE = "plotly_white"
 SPAN_COLOURS = ("#e45756", "#2ca02c", "#9467bd")
@@ -92,6 +93,8 @@ def plot_token_routing(trace: MoETrace, example: int = 0, *, max_tokens: int = 1
     Spans (context, answer) are outlined under the token axis.
     """
     sl = trace.token_slice(example)
+    if max_tokens < 1:
+        raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
     n = min(sl.stop - sl.start, max_tokens)
     sl = slice(sl.stop - n, sl.stop)  # keep the end of long prompts: the question and answer cue live there
     idx = trace.topk_indices[:, sl]  # [L, n, k]

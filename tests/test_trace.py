@@ -122,10 +122,13 @@ def test_dense_layers_keep_model_numbering(tokenizer):
         t.layer_index(1)
 
 
-@pytest.mark.parametrize("full", [True, False], ids=["with-maps", "spans-only"])
-def test_attention_to_spans_matches_eager_maps(model_type, tokenizer, full):
-    """Spans only: masses come from the fused kernel (span indicators as values); with maps: from the
-    probabilities. Both against transformers' own eager attention maps."""
+@pytest.mark.parametrize("mode", ["with-maps", "spans-only", "spans-fused"])
+def test_attention_to_spans_matches_eager_maps(model_type, tokenizer, mode, monkeypatch):
+    """Span masses from the probabilities (with maps, or spans only) or from the fused kernel with span
+    indicators as values (used for large maps; forced here), against transformers' eager attention maps."""
+    full = mode == "with-maps"
+    if mode == "spans-fused":
+        monkeypatch.setattr(moe_interp.attention, "FUSED_CPU_BYTES", 0)
     sdpa = make_model(model_type, attn="sdpa")
     eager = make_model(model_type, attn="eager")
     answers = ["Paris", None, None]
@@ -342,6 +345,13 @@ def test_save_load_roundtrip(tmp_path, tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(u.attention_maps, t.attention_maps, strict=True))
     with pytest.raises(ValueError, match="not a saved MoETrace"):
         moe_interp.MoETrace.load(tmp_path)
+    (tmp_path / "t" / "meta.json").write_text("{not json")
+    with pytest.raises(InputError, match="damaged MoETrace"):
+        moe_interp.MoETrace.load(tmp_path / "t")
+    with pytest.raises(InputError, match="prompt index"):
+        t.token_slice(1.0)
+    with pytest.raises(InputError, match="max_tokens"):
+        t.plot_routing(0, max_tokens=0)
 
 
 def test_plots_render(tokenizer):
