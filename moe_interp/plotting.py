@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 import plotly.graph_objects as go
 import torch
 
+from moe_interp.errors import InputError
+
 if TYPE_CHECKING:
-    from moe_interp.errors import InputError
-from moe_interp.moetrace import MoETrace
+    from moe_interp.moetrace import MoETrace
 
 TEMPLATE = "plotly_white"
 SPAN_COLOURS = ("#e45756", "#2ca02c", "#9467bd")
