@@ -148,6 +148,15 @@ def test_spans_are_exact_for_any_text(tokenizer, before, context_words, answer_a
     expected = {i for i, (s, e) in enumerate(offsets) if e > s and s < start + len(context) and e > start}
     assert covered == expected
     occurrences = [start + i for i in range(len(context)) if context.startswith(answer, i)]
+
+    def whole(char: int) -> bool:  # within the context, no word character glued to a word-like edge
+        word = lambda ch: ch.isalnum() or ch == "_"  # noqa: E731
+        i, j = char - start, char - start + len(answer)
+        left = i == 0 or not word(context[i - 1]) or not word(answer[0])
+        right = j >= len(context) or not word(context[j]) or not word(answer[-1])
+        return left and right
+
+    occurrences = [c for c in occurrences if whole(c)] or occurrences  # whole words first
     assert len(t.spans[0]["answer"]) == len(occurrences)
     for (a, b), char in zip(t.spans[0]["answer"], occurrences, strict=True):
         # the token span covers the answer's characters, and every token in it touches them
