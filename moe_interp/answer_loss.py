@@ -38,10 +38,12 @@ def encode_answer_loss(
     what: str = "examples",
 ) -> list[AnswerLossExample]:
     """Tokenise ``examples`` (first gold answer as the target); ``what`` names the set in errors."""
+    if max_length < 2:
+        raise InputError(f"max_length must be >= 2 (one prompt and one answer token), got {max_length}")
     eos = tokenizer.eos_token_id if append_eos else None
     out = []
     for i, ex in enumerate(examples):
-        if not ex.answers:
+        if not ex.answers or not ex.answers[0].strip():
             raise InputError(f"{what}[{i}] (id {ex.id!r}) has no answer to train on")
         fp = format_example(ex, tokenizer, template=template, tokenize=False)
         head, tail = split_continuation(

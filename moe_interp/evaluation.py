@@ -571,14 +571,39 @@ def _probe_logits(model: Any, tokenizer: Any) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
 
 
-def model_probe(model: Any, tokenizer: Any) -> dict[str, list]:
-    """The model's five largest next-token logits after a fixed text: a behavioural fingerprint that also
-    sees expert masks, tuned router weights and other hooks (a resumed evaluation must match it)."""
+def model_probe(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """What identifies the model that wrote a results file: its five largest next-token logits after a fixed
+    text (a behavioural check that also sees hooks), every parameter tensor's sum (tuned router weights,
+    another checkpoint) and the expert masks active on it (:func:`moe_interp.routerlens.mask_experts`)."""
     top = _probe_logits(model, tokenizer).topk(5)
-    return {"ids": top.indices.tolist(), "logits": [round(float(v), 4) for v in top.values]}
+    return {
+        "ids": top.indices.tolist(),
+        "logits": [round(float(v), 4) for v in top.values],
+        "param_sums": [float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()],
+        "masks": _active_masks(model),
+    }
 
 
-def _same_model(old: dict[str, list], model: Any, tokenizer: Any) -> bool:
+def _active_masks(model: Any) -> dict[str, list[int]]:
+    from moe_interp.errors import MoEInterpError
+    from moe_interp.routerlens.masking import active_masks
+
+    try:
+        return {str(k): v for k, v in active_masks(model).items()}
+    except MoEInterpError:  # not a registered MoE model: nothing can be masked
+        return {}
+
+
+def _same_model(old: dict[str, Any], model: Any, tokenizer: Any) -> bool:
+    if old.get("masks", {}) != _active_masks(model):
+        return False
+    if "param_sums" in old:
+        sums = [float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()]
+        if len(sums) != len(old["param_sums"]) or not all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+            for a, b in zip(sums, old["param_sums"], strict=True)
+        ):
+            return False
     got = _probe_logits(model, tokenizer)[torch.tensor(old["ids"])]
     return bool(torch.allclose(got, torch.tensor(old["logits"]), rtol=2e-2, atol=2e-2))
 
@@ -609,8 +634,9 @@ def evaluate(
             ids already there (a torn last line is dropped and recomputed; rows of ids not in
             ``examples`` stay in the file but not in the frame). The configuration is kept in
             ``<out stem>.config.json`` (a rerun with another mode / template / stop / match /
-            max_new_tokens is refused, and so is a model that answers a fixed probe differently, e.g.
-            another checkpoint or the same one under expert masks) and the summary in
+            max_new_tokens is refused, and so is another model: other parameter values (another
+            checkpoint, tuned routers), other expert masks, or other answers to a fixed probe; see
+            :func:`model_probe`) and the summary in
             ``<out stem>.summary.json``, written atomically.
         match: How ``pc`` / ``po`` compare predictions (``"contains"`` or ``"em"``).
 
@@ -654,8 +680,9 @@ def evaluate(
                 )
             if probe is not None and not _same_model(probe, model, tokenizer):
                 raise InputError(
-                    f"{path} was written by a model that answers differently (another checkpoint, or "
-                    "expert masks / tuned routers applied or not); use another out path"
+                    f"{path} was written by a model that answers differently (other parameters, e.g. another "
+                    "checkpoint or tuned routers, other expert masks, or other probe logits); use another "
+                    "out path"
                 )
         else:
             write_json_atomic(cfg_path, {**config, "model_probe": model_probe(model, tokenizer)})

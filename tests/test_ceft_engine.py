@@ -165,6 +165,8 @@ def test_accumulation_and_options(tokenizer, tmp_path):
     for k in ref.deltas:
         torch.testing.assert_close(gc.deltas[k], ref.deltas[k], rtol=0, atol=1e-6)
     assert not model.is_activation_checkpointing and not model.training
+    assert getattr(model, "_require_grads_hook", None) is None  # no hook left behind
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0
     bf = train(
         model,
         tokenizer,

@@ -371,3 +371,15 @@ def test_resume_refuses_a_model_that_answers_differently(tmp_path):
     spec = {m: list(range(8)) for m in range(4)}
     with mask_experts(model, spec), pytest.raises(InputError, match="answers differently"):
         evaluate(model, tok, examples, out=out, progress=False, max_new_tokens=4)
+    # a mask the probe text may never route through, and a tiny weight change, are refused too
+    with mask_experts(model, {3: [0]}), pytest.raises(InputError, match="answers differently"):
+        evaluate(model, tok, examples, out=out, progress=False, max_new_tokens=4)
+    router = model.model.layers[2].mlp.gate.weight
+    with torch.no_grad():
+        router[0, 0] += 1e-3
+    try:
+        with pytest.raises(InputError, match="answers differently"):
+            evaluate(model, tok, examples, out=out, progress=False, max_new_tokens=4)
+    finally:
+        with torch.no_grad():
+            router[0, 0] -= 1e-3

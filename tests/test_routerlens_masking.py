@@ -123,3 +123,21 @@ def test_renormalize_softmax_over_remaining_experts(tokenizer):
         with mask_experts(model, spec, renormalize=True):
             pass
     assert active_masks(model) == {}
+
+
+def test_degenerate_inputs_are_refused(tokenizer):
+    from moe_interp.answer_loss import encode_answer_loss
+    from moe_interp.data.example import QAExample
+    from moe_interp.routerlens import count_selections
+
+    model = make_model("olmoe")
+    with pytest.raises(InputError, match="not integral"):
+        expert_spec(model, pd.DataFrame({"layer": [0.0], "expert": [1.5]}))
+    with pytest.raises(InputError, match="no examples"):
+        count_selections(model, tokenizer, [], progress=False)
+    ex = QAExample(id="a", question="Where?", answers=("Paris",), context="It is in Paris.")
+    with pytest.raises(InputError, match="max_length must be >= 2"):
+        encode_answer_loss(tokenizer, [ex], max_length=1)
+    empty = QAExample(id="b", question="Where?", answers=(" ",), context="x")
+    with pytest.raises(InputError, match=r"\[0\] \(id 'b'\) has no answer"):
+        encode_answer_loss(tokenizer, [empty])

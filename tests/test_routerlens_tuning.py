@@ -110,6 +110,12 @@ def test_weights_context_manager_composes_with_masking(tmp_path, tokenizer):
     assert all(torch.equal(before[k], after[k]) for k in before)
     again = trace(model, prompt, tokenizer=tokenizer, attention=False)
     assert torch.equal(again.router_logits, base.router_logits)
+    with applied_router_weights(model, res):  # the result object itself works too
+        assert torch.equal(
+            model.model.layers[0].mlp.gate.weight, res.weights["model.layers.0.mlp.gate.weight"]
+        )
+    with pytest.raises(InputError, match="without out= has no path"):
+        load_router_weights(model, None)
     with pytest.raises(InputError, match="not a router parameter"):
         load_router_weights(model, {"model.embed_tokens.weight": before["model.embed_tokens.weight"]})
     with pytest.raises(InputError, match="shape"):

@@ -395,6 +395,7 @@ def train(
     pad = pad_id(tokenizer)
     was_training = model.training
     had_gc = bool(getattr(model, "is_activation_checkpointing", False))
+    had_grads_hook = getattr(model, "_require_grads_hook", None) is not None
     start = time.perf_counter()
     try:
         with attached_deltas(model, targets, seed=cfg.seed) as deltas:
@@ -445,6 +446,8 @@ def train(
     finally:
         if cfg.gradient_checkpointing and not had_gc:
             _checkpointing(model, False)
+            if not had_grads_hook and getattr(model, "_require_grads_hook", None) is not None:
+                model.disable_input_require_grads()  # enabling checkpointing added this hook
         model.train(was_training)
         accelerator.free_memory()
     seconds = time.perf_counter() - start

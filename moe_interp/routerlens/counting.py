@@ -299,6 +299,8 @@ def count_selections(
                 n_examples += len(batch)
                 bar.update(len(batch) * world)
     bar.close()
+    if world == 1 and int(n_examples) == 0:
+        raise InputError("count_selections got no examples: counts of nothing cannot identify experts")
     flat = torch.cat([counter.counts.flatten(), tokens, n_examples])
     if world > 1:
         import torch.distributed as dist

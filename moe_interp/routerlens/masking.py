@@ -69,6 +69,8 @@ def expert_spec(model: nn.Module, experts: Mapping[int, Any] | Any) -> ExpertSpe
             )
         pairs: dict[int, list[int]] = {}
         for layer, expert in zip(experts["layer"].tolist(), experts["expert"].tolist(), strict=True):
+            if any(isinstance(v, float) and not v.is_integer() for v in (layer, expert)):
+                raise InputError(f"expert frame row (layer {layer!r}, expert {expert!r}) is not integral")
             pairs.setdefault(int(layer), []).append(int(expert))
         experts = pairs
     if not isinstance(experts, Mapping):

@@ -144,9 +144,17 @@ def router_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _read_weights(source: str | os.PathLike[str] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _read_weights(source: Any) -> dict[str, torch.Tensor]:
+    """Router weights from a :class:`RouterTuningResult`, a name -> tensor mapping, or a run folder / file."""
+    if isinstance(source, RouterTuningResult):
+        return dict(source.weights)
     if isinstance(source, Mapping):
         return dict(source)
+    if source is None or not isinstance(source, (str, os.PathLike)):
+        raise InputError(
+            f"router weights must be a RouterTuningResult, a dict of tensors or a path, got "
+            f"{type(source).__name__} (a run without out= has no path: pass result or result.weights)"
+        )
     path = Path(source)
     if path.is_dir():
         path = path / WEIGHTS_FILE
@@ -172,7 +180,7 @@ def _check_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> dic
 
 @torch.no_grad()
 def load_router_weights(
-    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, torch.Tensor]
+    model: nn.Module, source: RouterTuningResult | str | os.PathLike[str] | Mapping[str, torch.Tensor]
 ) -> list[str]:
     """Copy saved router weights into ``model`` in place (permanently); returns the names set.
 
@@ -187,7 +195,7 @@ def load_router_weights(
 
 @contextmanager
 def applied_router_weights(
-    model: nn.Module, source: str | os.PathLike[str] | Mapping[str, torch.Tensor]
+    model: nn.Module, source: RouterTuningResult | str | os.PathLike[str] | Mapping[str, torch.Tensor]
 ) -> Iterator[nn.Module]:
     """Use the router weights from ``source`` inside the ``with`` block; the originals are restored bit for
     bit on exit (also on exceptions). Composes with :func:`~moe_interp.routerlens.mask_experts`."""
