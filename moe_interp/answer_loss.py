@@ -79,7 +79,14 @@ def check_run_settings(file: Path, meta: dict[str, Any], kind: str, *, write: bo
     if file.exists():
         old = json.loads(file.read_text())
         if old != new:
-            diff = sorted(k for k in new if old.get(k) != new[k])
+            diff = []
+            for k in sorted(new):
+                if old.get(k) == new[k]:
+                    continue
+                if isinstance(new[k], dict) and isinstance(old.get(k), dict):  # name the inner setting
+                    diff += [f"{k}.{i}" for i in sorted(new[k]) if old[k].get(i) != new[k][i]]
+                else:
+                    diff.append(k)
             raise InputError(
                 f"{file.parent} holds a {kind} run with other settings (differs in {diff}); "
                 "use another output folder"

@@ -159,8 +159,11 @@ def identify_experts(
     n_experts = t.shape[1]
     if k is None:
         raise InputError("k is required when the counts are a plain tensor")
-    if not 1 <= k < n_experts:
-        raise InputError(f"k must be in [1, {n_experts}), got {k}")
+    if not 1 <= k <= n_experts // 2:
+        raise InputError(
+            f"k must be in [1, {n_experts // 2}] for {n_experts} experts (the OE control set needs k other "
+            f"experts per layer), got {k}"
+        )
     if method == "count":
         score = t.double()
     elif method == "diff":

@@ -194,10 +194,11 @@ def mask_experts(
     arch = get_architecture(model)
     layers = {m.number: m for m in arch.moe_layers(model)}
     n_experts, top_k = arch.num_experts(model.config), arch.top_k(model.config)
-    if spec and n_experts - max(len(v) for v in spec.values()) < top_k:
-        raise InputError(
-            f"cannot mask {max(len(v) for v in spec.values())} of {n_experts} experts with top-k {top_k}"
-        )
+    for number, ids in spec.items():
+        if n_experts - len(ids) < top_k:
+            raise InputError(
+                f"cannot mask {len(ids)} of {n_experts} experts in layer {number}: top-k is {top_k}"
+            )
     entries: list[tuple[_RouterMask, torch.Tensor]] = []
     try:
         for number, ids in spec.items():

@@ -99,9 +99,10 @@ class RouterTuningConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "max_length", "checkpoint_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise InputError(f"RouterTuningConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.lora_rank < 0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"RouterTuningConfig.{name} must be an integer >= 1, got {value!r}")
+        if not math.isfinite(self.lr) or self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.lora_rank < 0:
             raise InputError(
                 f"RouterTuningConfig: need lr > 0, 0 <= warmup_ratio < 1, lora_rank >= 0 "
                 f"(got {self.lr}, {self.warmup_ratio}, {self.lora_rank})"
