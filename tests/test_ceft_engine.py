@@ -179,6 +179,7 @@ def test_accumulation_and_options(tokenizer, tmp_path):
     )
     assert all(t.isfinite().all() for t in bf.deltas.values())
     assert load_result(tmp_path / "rt").trainable == bf.trainable
+    assert not (tmp_path / "rt" / "checkpoint").exists()  # a finished run keeps only its results
     with pytest.raises(InputError, match="other settings"):
         train(
             model,

@@ -478,6 +478,8 @@ def train(
                 "num_processes": world,
             },
         )
+        for name in (CHECKPOINT, f"{CHECKPOINT}.tmp", f"{CHECKPOINT}.old"):  # finished: no resume needed
+            shutil.rmtree(path / name, ignore_errors=True)
     accelerator.wait_for_everyone()
     return result
 

@@ -481,6 +481,8 @@ def tune_routers(
             {**meta, "best_step": best_step, "best_dev_loss": result.best_dev_loss, "history": history},
         )
         (path / STATE_FILE).unlink(missing_ok=True)  # finished: the resume state is no longer needed
+        if (path / STATE_FILE).parent.is_dir() and not any((path / STATE_FILE).parent.iterdir()):
+            (path / STATE_FILE).parent.rmdir()
     if inplace:
         load_router_weights(model, best)
     return result
