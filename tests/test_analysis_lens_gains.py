@@ -47,8 +47,9 @@ def test_lens_last_layer_is_model_output(model_type: str) -> None:
 
 def test_answer_lens(tokenizer) -> None:
     model = make_model("olmoe")
-    res = answer_lens(model, tokenizer, EXAMPLES, batch_size=1)
-    assert res.prob.shape == (2, 3) and res.ids == ["a", "b"]
+    closed_book = QAExample("c", None, "Where is the Eiffel Tower?", ("Paris",))  # no context needed
+    res = answer_lens(model, tokenizer, [*EXAMPLES, closed_book], batch_size=1)
+    assert res.prob.shape == (3, 3) and res.ids == ["a", "b", "c"]
     torch.testing.assert_close(res.prob[:, -1], res.final, atol=1e-6, rtol=1e-5)
     assert list(res.frame().columns) == ["layer", "prob"]
 

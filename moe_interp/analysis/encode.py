@@ -59,11 +59,19 @@ def as_examples(examples: Iterable[QAExample | Mapping[str, Any]]) -> Iterator[Q
             raise InputError(f"example {i} is a {type(ex).__name__}, not a QAExample or dict")
 
 
-def encode(tokenizer: Any, example: QAExample, *, template: str = "paper", tokens: bool = False) -> Encoded:
-    """Token ids and spans of ``example`` (see the module docstring)."""
+def encode(
+    tokenizer: Any,
+    example: QAExample,
+    *,
+    template: str = "paper",
+    tokens: bool = False,
+    need_context: bool = True,
+) -> Encoded:
+    """Token ids and spans of ``example`` (see the module docstring); closed-book examples only where
+    ``need_context`` is False (no attention spans then)."""
     if not example.answers:
         raise InputError(f"example {example.id!r} has no gold answer to score or locate")
-    if example.context is None:
+    if example.context is None and need_context:
         raise InputError(f"example {example.id!r} has no context; attention analyses need one")
     fp = format_example(example, tokenizer, template=template)
     answer = example.answers[0]
@@ -131,13 +139,14 @@ def batches(
     *,
     template: str = "paper",
     with_answer: bool = True,
+    need_context: bool = True,
 ) -> Iterator[Batch]:
     """Stream :class:`Batch` es of ``batch_size`` examples (only one batch is held at a time)."""
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     pid, chunk = pad_id(tokenizer), []
     for ex in as_examples(examples):
-        chunk.append(encode(tokenizer, ex, template=template))
+        chunk.append(encode(tokenizer, ex, template=template, need_context=need_context))
         if len(chunk) == batch_size:
             yield make_batch(chunk, pid, with_answer=with_answer)
             chunk = []

@@ -124,12 +124,15 @@ def answer_lens(
     template: str = "paper",
     progress: bool = False,
 ) -> LensResult:
-    """Logit-lens probability of each example's gold first answer token at the last prompt token.
+    """Logit-lens probability of each example's gold first answer token at the last prompt token (examples
+    with or without a context).
 
     Memory: [N, L] floats; batches are streamed.
     """
     probs, finals, ids, layers = [], [], [], None
-    stream = batches(tokenizer, examples, batch_size, template=template, with_answer=False)
+    stream = batches(
+        tokenizer, examples, batch_size, template=template, with_answer=False, need_context=False
+    )
     for batch in tqdm(stream, desc="lens", unit="batch", disable=not progress):
         layers, hidden, own = residual_rows(model, batch, batch.last)
         target = torch.tensor([e.answer_ids[0] for e in batch.items], device=hidden.device)
