@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -32,7 +32,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from moe_interp.analysis.figures import apg_figure, expert_heatmap, gains_figure, token_difference_figure
-from moe_interp.plotting import plot_selection_heatmap, plot_token_routing
+from moe_interp.plotting import INK, MUTED, plot_selection_heatmap, plot_token_routing, style
 
 if TYPE_CHECKING:
     from moe_interp.moetrace import MoETrace
@@ -40,73 +40,10 @@ if TYPE_CHECKING:
     from moe_interp.routerlens.experts import ExpertSets
 
 # ---------------------------------------------------------------------------------------------- style
-INK = "#1f2328"  # text: dark on the opaque white paper, so the figures read the same in dark notebooks
-MUTED = "#57606a"
-GRID = "#e4e7eb"
-FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13, color=INK)
 CONDITION_COLOURS = {"Base": "#8c8c8c", "RT": "#1f77b4", "RT w/o OE": "#2ca02c", "RT w/o CE": "#d62728"}
 SET_COLOURS = {"CE": "#d62728", "OE": "#2ca02c", "": "#c9ced6"}
 SET_NAMES = {"CE": "CE (context-faithful)", "OE": "OE (control, seed 0)", "": "other experts"}
 LINE_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
-
-
-def style(
-    fig: go.Figure,
-    title: str,
-    *,
-    height: int,
-    width: int,
-    subtitle: str | None = None,
-    legend: bool = False,
-    headroom: int = 0,
-) -> go.Figure:
-    """The common look: white template, opaque white paper and plot, dark text, a left-aligned title and
-    grey subtitle pinned to the top, margins that grow to fit labels, a fixed size (also the PNG's).
-
-    ``legend``: one horizontal row under the subtitle (the top margin grows to hold it); ``headroom``: extra
-    top margin in pixels, e.g. for subplot titles above the first row.
-    """
-    title_spec: dict[str, Any] = dict(
-        text=title,
-        x=0.01,
-        xanchor="left",
-        yref="container",
-        y=1,
-        yanchor="top",
-        pad=dict(t=14),
-        font=dict(size=17, color=INK),
-    )
-    top = 52 + (22 if subtitle else 0)
-    if subtitle:
-        title_spec["subtitle"] = dict(text=subtitle, font=dict(size=12, color=MUTED))
-    fig.update_layout(
-        template="plotly_white",
-        font=FONT,
-        paper_bgcolor="white",
-        plot_bgcolor="white",
-        title=title_spec,
-        height=height,
-        width=width,
-        margin=dict(l=80, r=40, t=top + (34 if legend else 0) + headroom, b=70),
-        legend=dict(bgcolor="rgba(255,255,255,0.9)", font=dict(color=INK)),
-        hoverlabel=dict(bgcolor="white", font=dict(color=INK)),
-    )
-    if legend:
-        fig.update_layout(
-            showlegend=True,
-            legend=dict(
-                orientation="h",
-                x=0.01,
-                xanchor="left",
-                yref="container",
-                y=1 - (top + 4) / height,
-                yanchor="top",
-            ),
-        )
-    fig.update_xaxes(automargin=True, gridcolor=GRID, linecolor="#8c959f", title_font=dict(color=INK))
-    fig.update_yaxes(automargin=True, gridcolor=GRID, linecolor="#8c959f", title_font=dict(color=INK))
-    fig.update_annotations(font=dict(color=INK))
-    return fig
 
 
 def _zero_aligned(left: Iterable[float], right: Iterable[float], pad: float = 0.08) -> tuple[list, list]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import plotly.graph_objects as go
 import torch
@@ -15,9 +15,7 @@ from moe_interp.errors import InputError
 if TYPE_CHECKING:
     from moe_interp.moetrace import MoETrace
 
-TEMPLATE = "plotly_white"
 SPAN_COLOURS = ("#e45756", "#2ca02c", "#9467bd")
-FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13)
 
 
 def save_figure(fig: go.Figure, stem: str | Path, *, png: bool = True, scale: float = 2.0) -> list[Path]:
@@ -37,15 +35,68 @@ def save_figure(fig: go.Figure, stem: str | Path, *, png: bool = True, scale: fl
     return written
 
 
-def _style(fig: go.Figure, title: str, height: int, width: int | None = None) -> go.Figure:
+INK = "#1f2328"  # text: dark on the opaque white paper, so the figures read the same in dark notebooks
+MUTED = "#57606a"
+GRID = "#e4e7eb"
+FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=13, color=INK)
+
+
+def style(
+    fig: go.Figure,
+    title: str,
+    *,
+    height: int,
+    width: int,
+    subtitle: str | None = None,
+    legend: bool = False,
+    headroom: int = 0,
+) -> go.Figure:
+    """The common look: white template, opaque white paper and plot, dark text, a left-aligned title and
+    grey subtitle pinned to the top, margins that grow to fit labels, a fixed size (also the PNG's).
+
+    ``legend``: one horizontal row under the subtitle (the top margin grows to hold it); ``headroom``: extra
+    top margin in pixels, e.g. for subplot titles above the first row.
+    """
+    title_spec: dict[str, Any] = dict(
+        text=title,
+        x=0.01,
+        xanchor="left",
+        yref="container",
+        y=1,
+        yanchor="top",
+        pad=dict(t=14),
+        font=dict(size=17, color=INK),
+    )
+    top = 52 + (22 if subtitle else 0)
+    if subtitle:
+        title_spec["subtitle"] = dict(text=subtitle, font=dict(size=12, color=MUTED))
     fig.update_layout(
-        template=TEMPLATE,
+        template="plotly_white",
         font=FONT,
-        title=dict(text=title, x=0.01, xanchor="left"),
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        title=title_spec,
         height=height,
         width=width,
-        margin=dict(l=70, r=30, t=60, b=70),
+        margin=dict(l=80, r=40, t=top + (34 if legend else 0) + headroom, b=70),
+        legend=dict(bgcolor="rgba(255,255,255,0.9)", font=dict(color=INK)),
+        hoverlabel=dict(bgcolor="white", font=dict(color=INK)),
     )
+    if legend:
+        fig.update_layout(
+            showlegend=True,
+            legend=dict(
+                orientation="h",
+                x=0.01,
+                xanchor="left",
+                yref="container",
+                y=1 - (top + 4) / height,
+                yanchor="top",
+            ),
+        )
+    fig.update_xaxes(automargin=True, gridcolor=GRID, linecolor="#8c959f", title_font=dict(color=INK))
+    fig.update_yaxes(automargin=True, gridcolor=GRID, linecolor="#8c959f", title_font=dict(color=INK))
+    fig.update_annotations(font=dict(color=INK))
     return fig
 
 
@@ -85,7 +136,7 @@ def plot_selection_heatmap(
     )
     fig.update_xaxes(title="expert", type="category")
     fig.update_yaxes(title="MoE layer", autorange="reversed", type="category")
-    return _style(fig, title, height=120 + 45 * len(layers), width=max(520, 160 + 38 * counts.shape[1]))
+    return style(fig, title, height=120 + 45 * len(layers), width=max(520, 160 + 38 * counts.shape[1]))
 
 
 def plot_token_routing(trace: MoETrace, example: int = 0, *, max_tokens: int = 120, title: str | None = None):
@@ -163,7 +214,7 @@ def plot_token_routing(trace: MoETrace, example: int = 0, *, max_tokens: int = 1
     title = (
         title or f"Per-token routing, prompt {example} (colour = top-1 expert; hover for top-{trace.top_k})"
     )
-    return _style(fig, title, height=200 + 40 * len(trace.layers), width=max(700, 120 + 16 * n))
+    return style(fig, title, height=200 + 40 * len(trace.layers), width=max(700, 120 + 16 * n))
 
 
 def _palette(n: int) -> list[list]:

@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from moe_interp.errors import InputError
+from moe_interp.plotting import style
 
 
 def _need(frame: pd.DataFrame, cols: set[str], what: str) -> None:
@@ -33,8 +34,7 @@ def gains_figure(gains: pd.DataFrame, *, value: str = "rel_gain", title: str = "
     fig.update_xaxes(title_text="layer", dtick=1)
     fig.update_yaxes(title_text=f"CAG ({value})", secondary_y=False)
     fig.update_yaxes(title_text=f"AAG ({value})", secondary_y=True)
-    fig.update_layout(title=title, template="plotly_white")
-    return fig
+    return style(fig, title, height=420, width=720, legend=True)
 
 
 def apg_figure(apg: pd.DataFrame, *, value: str = "abs_gain", title: str = "APG") -> go.Figure:
@@ -51,8 +51,7 @@ def apg_figure(apg: pd.DataFrame, *, value: str = "abs_gain", title: str = "APG"
     fig.update_xaxes(title_text="layer", dtick=1)
     fig.update_yaxes(title_text=f"APG ({value})", secondary_y=False)
     fig.update_yaxes(title_text="answer probability (logit lens)", secondary_y=True)
-    fig.update_layout(title=title, template="plotly_white")
-    return fig
+    return style(fig, title, height=420, width=720, legend=True)
 
 
 def token_difference_figure(diff: pd.DataFrame, *, per_line: int = 16, title: str = "") -> go.Figure:
@@ -88,12 +87,9 @@ def token_difference_figure(diff: pd.DataFrame, *, per_line: int = 16, title: st
         )
         fig.update_yaxes(autorange="reversed", showticklabels=False, row=r, col=1)
         fig.update_xaxes(showticklabels=False, row=r, col=1)
-    fig.update_layout(
-        title=title or "attention difference per token",
-        height=220 * len(layers) + 80,
-        template="plotly_white",
+    return style(
+        fig, title or "attention difference per token", height=220 * len(layers) + 80, width=900, headroom=20
     )
-    return fig
 
 
 def expert_heatmap(effects: pd.DataFrame, *, value: str = "delta_logprob", title: str = "") -> go.Figure:
@@ -112,10 +108,10 @@ def expert_heatmap(effects: pd.DataFrame, *, value: str = "delta_logprob", title
             colorbar={"title": value},
         )
     )
-    fig.update_layout(
-        title=title or f"effect of masking each expert ({value})",
-        template="plotly_white",
-        xaxis_title="expert",
-        yaxis_title="layer",
+    fig.update_layout(xaxis_title="expert", yaxis_title="layer")
+    return style(
+        fig,
+        title or f"effect of masking each expert ({value})",
+        height=140 + 45 * len(grid.index),
+        width=max(560, 160 + 34 * len(grid.columns)),
     )
-    return fig
