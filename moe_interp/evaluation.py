@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -655,7 +655,13 @@ def evaluate(
     if batch_size < 1 or max_new_tokens < 1:
         raise InputError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if isinstance(examples, (str, QAExample)):
+        raise InputError("examples must be a list of QAExample (or of dicts)")
     examples = list(examples)
+    if any(isinstance(ex, Mapping) for ex in examples):  # dict records, as every other API takes them
+        from moe_interp.routerlens.data import to_examples
+
+        examples = to_examples(examples)
     _check_examples(examples)
     formatted = [format_example(ex, tokenizer, template=template, tokenize=False) for ex in examples]
     config = {

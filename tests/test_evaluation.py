@@ -308,7 +308,7 @@ def test_evaluate_refuses_mismatched_or_corrupt_output(model, tokenizer, tmp_pat
     [
         (QAExample("q-less", "ctx", "", ("a",)), r"examples\[1\] \(id 'q-less'\): question"),
         (QAExample("ex0", "ctx", "q?", ("a",)), "duplicate id"),
-        ({"id": "x", "question": "q"}, r"examples\[1\] is a dict"),
+        ({"id": "x", "question": "q"}, r"record 1 has none of the answer fields"),  # dicts are read, checked
         (QAExample("", "ctx", "q?", ("a",)), "id must be a non-empty string"),
     ],
 )
@@ -383,3 +383,17 @@ def test_resume_refuses_a_model_that_answers_differently(tmp_path):
     finally:
         with torch.no_grad():
             router[0, 0] -= 1e-3
+
+
+def test_dict_records_are_accepted():
+    from moe_interp.demo import load_demo, load_split
+
+    model, tok = load_demo()
+    records = load_split("conflict_test")[:3]
+    from_dicts = evaluate(model, tok, records, progress=False, max_new_tokens=4)
+    from moe_interp.routerlens import demo_examples
+
+    from_examples = evaluate(
+        model, tok, demo_examples("conflict_test", limit=3), progress=False, max_new_tokens=4
+    )
+    assert from_dicts.EM == from_examples.EM and from_dicts.Pc == from_examples.Pc
