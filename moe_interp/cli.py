@@ -71,7 +71,11 @@ def _architectures(args: argparse.Namespace) -> int:
 def _trace_options(p: argparse.ArgumentParser) -> None:
     _model_options(p)
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument(
+        "--prompts-file",
+        help='a text file with one prompt per line, or a .jsonl file with one {"prompt", "context", '
+        '"answer"} record per line (context and answer optional, per prompt)',
+    )
     p.add_argument("--context", help="substring of the prompt marked as the context span")
     p.add_argument("--answer", help="substring marked as the answer span (inside the context)")
     p.add_argument("--out", default="runs/trace", help="output folder (default runs/trace)")
@@ -89,19 +93,28 @@ def _trace(args: argparse.Namespace) -> int:
     from moe_interp.trace import trace
 
     prompts = list(args.prompt or [])
+    contexts: list[str | None] | str | None = args.context
+    answers: list[str | None] | str | None = args.answer
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise MoEInterpError(f"prompts file {path} does not exist")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            if prompts or args.context or args.answer:
+                raise MoEInterpError(
+                    f"{path} gives prompts, contexts and answers per record: drop --prompt/--context/--answer"
+                )
+            prompts, contexts, answers = _read_prompt_records(path)
+        else:
+            prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise MoEInterpError("give at least one --prompt or a --prompts-file")
     model, tok = load_model_arg(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     t = trace(
         model,
         prompts,
-        context=args.context,
-        answer=args.answer,
+        context=contexts,
+        answer=answers,
         tokenizer=tok,
         expert_outputs=args.expert_outputs,
     )
@@ -113,6 +126,29 @@ def _trace(args: argparse.Namespace) -> int:
         save_figure(t.plot_selection(), out / "selection_heatmap")
     print(f"traced {len(prompts)} prompt(s), {len(t.tokens)} tokens, MoE layers {t.layers}; wrote {out}")
     return 0
+
+
+def _read_prompt_records(path: Path) -> tuple[list[str], list[str | None], list[str | None]]:
+    """prompts, contexts and answers from a JSONL file of {"prompt", "context"?, "answer"?} records."""
+    prompts: list[str] = []
+    contexts: list[str | None] = []
+    answers: list[str | None] = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MoEInterpError(f"{path} line {n} is not JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise MoEInterpError(f'{path} line {n}: a record needs a string field "prompt"')
+        for key in ("context", "answer"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise MoEInterpError(f'{path} line {n}: field "{key}" must be a string')
+        prompts.append(record["prompt"])
+        contexts.append(record.get("context"))
+        answers.append(record.get("answer"))
+    return prompts, contexts, answers
 
 
 def _demo_options(p: argparse.ArgumentParser) -> None:

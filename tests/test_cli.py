@@ -128,3 +128,25 @@ def test_evaluate_a_records_file(tmp_path, capsys):
     assert cli.main(["evaluate", "--dataset", str(data), "--out", str(tmp_path / "r.jsonl")]) == 0
     summary = json.loads(capsys.readouterr().out)  # valid JSON: no NaN
     assert summary["n"] == 1 and summary["Po"] is None
+
+
+def test_trace_records_file_gives_per_prompt_contexts(tmp_path, capsys):
+    records = tmp_path / "p.jsonl"
+    rows = [
+        {
+            "prompt": "Context: The tower is in Paris. Where is it?",
+            "context": "The tower is in Paris.",
+            "answer": "Paris",
+        },
+        {"prompt": "The capital of France is"},
+    ]
+    records.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "t"
+    assert cli.main(["trace", "--prompts-file", str(records), "--out", str(out), "--no-figures"]) == 0
+    from moe_interp import MoETrace
+
+    t = MoETrace.load(out / "trace")
+    assert set(t.spans[0]) == {"context", "answer"} and t.spans[1] == {}
+    records.write_text('{"prompt": 5}\n')
+    assert cli.main(["trace", "--prompts-file", str(records), "--out", str(out)]) == 2
+    assert 'line 1: a record needs a string field "prompt"' in capsys.readouterr().err
