@@ -35,7 +35,7 @@ from moe_interp.data.metrics import (
     exact_match,
     f1_score,
 )
-from moe_interp.errors import DataError, InputError
+from moe_interp.errors import DataError, InputError, MoEInterpError
 from moe_interp.prompts import FormattedPrompt, format_example, prompt_ids
 from moe_interp.signature import forward_accepts
 
@@ -579,13 +579,16 @@ def model_probe(model: Any, tokenizer: Any) -> dict[str, Any]:
     return {
         "ids": top.indices.tolist(),
         "logits": [round(float(v), 4) for v in top.values],
-        "param_sums": [float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()],
+        "param_sums": _param_sums(model),
         "masks": _active_masks(model),
     }
 
 
+def _param_sums(model: Any) -> list[float]:
+    return [float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()]
+
+
 def _active_masks(model: Any) -> dict[str, list[int]]:
-    from moe_interp.errors import MoEInterpError
     from moe_interp.routerlens.masking import active_masks
 
     try:
@@ -598,7 +601,7 @@ def _same_model(old: dict[str, Any], model: Any, tokenizer: Any) -> bool:
     if old.get("masks", {}) != _active_masks(model):
         return False
     if "param_sums" in old:
-        sums = [float(torch.sum(p.detach(), dtype=torch.float64)) for p in model.parameters()]
+        sums = _param_sums(model)
         if len(sums) != len(old["param_sums"]) or not all(
             math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
             for a, b in zip(sums, old["param_sums"], strict=True)

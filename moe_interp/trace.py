@@ -151,15 +151,9 @@ def trace(
 def _as_list(value, name: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
-    if isinstance(value, (bytes, dict)) or not isinstance(value, (list, tuple)):
+    if not isinstance(value, (list, tuple)):
         raise InputError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
-    items = list(value)
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise InputError(f"{name}[{i}] must be a string, got {type(item).__name__}")
-        if not item.strip():
-            raise InputError(f"{name}[{i}] is empty")
-    return items
+    return _checked(list(value), name, allow_none=False)
 
 
 def _broadcast(value, n: int, name: str) -> list[str | None]:
@@ -171,10 +165,18 @@ def _broadcast(value, n: int, name: str) -> list[str | None]:
         raise InputError(f"{name} must be a string, None or a list of them, got {type(value).__name__}")
     if len(items) != n:
         raise InputError(f"{name} has {len(items)} entries for {n} prompts")
+    return _checked(items, name, allow_none=True)
+
+
+def _checked(items: list, name: str, *, allow_none: bool) -> list:
+    """``items`` if each is a non-blank string (or None, where allowed)."""
     for i, item in enumerate(items):
-        if item is not None and not isinstance(item, str):
-            raise InputError(f"{name}[{i}] must be a string or None, got {type(item).__name__}")
-        if item is not None and not item.strip():
+        if item is None and allow_none:
+            continue
+        if not isinstance(item, str):
+            kind = "a string or None" if allow_none else "a string"
+            raise InputError(f"{name}[{i}] must be {kind}, got {type(item).__name__}")
+        if not item.strip():
             raise InputError(f"{name}[{i}] is empty")
     return items
 

@@ -101,7 +101,6 @@ class SelectionCounts:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON (atomically)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, self.to_dict())
         return path
 

@@ -96,7 +96,6 @@ class ExpertSets:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the selection as JSON, atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, self.to_dict())
         return path
 
