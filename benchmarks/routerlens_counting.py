@@ -6,9 +6,13 @@ Uses the demo model and ``conflict_tune``. "plain" runs the same padded batches 
 ``logits_to_keep=1``) without hooks; "count" is :func:`moe_interp.routerlens.count_selections` end to end
 (tokenisation, span masks and hooks included). Runs alternate; reports the best of ``--repeats`` each.
 
-``--memory-sizes 100 1000 10000`` also measures peak memory of ``count_selections`` streaming that many
-examples (the split's records repeated, fed as a generator), each size in a fresh subprocess: peak resident
-set size growth (``ru_maxrss``) and the Python-heap peak (``tracemalloc``). ``--out`` writes it all as JSON.
+``--memory-sizes 100 1000 10000`` also measures the memory of ``count_selections`` streaming that many
+examples (the split's records repeated, fed as a generator), each size in a fresh subprocess: the resident
+set size (RSS) sampled every 1,000 examples while it runs (its least-squares slope in MB per 1,000 examples
+after the first 2,048, i.e. after the first chunk has set up every buffer: ~0 if nothing accumulates), the
+peak RSS growth (``ru_maxrss``: a maximum over allocator noise, so it creeps up with run length even when the
+samples are flat) and the Python-heap peak (``tracemalloc``, in a separate run so that its bookkeeping does
+not inflate the RSS numbers). ``--out`` writes it all as JSON.
 """
 
 from __future__ import annotations
@@ -30,25 +34,65 @@ from moe_interp.routerlens.counting import _encode, count_selections
 from moe_interp.routerlens.data import demo_examples
 
 
+def _rss_mb() -> float:
+    """Current resident set size in MB (Linux ``/proc``; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of (examples, MB) points, in MB per 1,000 examples (0 for fewer than 2)."""
+    if len(points) < 2:
+        return 0.0
+    xs, ys = [x / 1000 for x, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
 def memory(n: int, batch_size: int, spans: list[str]) -> dict:
-    """Peak memory of counting ``n`` streamed examples (run in a fresh process)."""
+    """Memory of counting ``n`` streamed examples (run in a fresh process; see the module docstring)."""
     torch.set_num_threads(1)
     model, tok = load_demo()
     exs = demo_examples("conflict_tune")
-    stream = (exs[i % len(exs)] for i in range(n))
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    tracemalloc.start()
+    samples: list[tuple[int, float]] = []
+
+    def stream():
+        for i in range(n):
+            if i % 1000 == 0:
+                samples.append((i, _rss_mb()))
+            yield exs[i % len(exs)]
+
+    start_peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _rss_mb()
     t0 = time.perf_counter()
-    counts = count_selections(model, tok, stream, spans=spans, batch_size=batch_size, progress=False)
+    counts = count_selections(model, tok, stream(), spans=spans, batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - t0
+    samples.append((n, _rss_mb()))
+    grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_peak
+    assert counts.n_examples == n, (counts.n_examples, n)
+    tracemalloc.start()  # a second, shorter pass only for the Python heap (tracemalloc costs RSS itself)
+    count_selections(
+        model,
+        tok,
+        (exs[i % len(exs)] for i in range(min(n, 3000))),
+        spans=spans,
+        batch_size=batch_size,
+        progress=False,
+    )
     heap = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start
-    assert counts.n_examples == n, (counts.n_examples, n)
+    steady = [(x, y) for x, y in samples if x >= 2048]
     return dict(
         examples=n,
         seconds=round(seconds, 1),
-        rss_growth_mb=round(grow / 1024, 1),
+        rss_start_mb=round(start, 1),
+        rss_end_mb=round(samples[-1][1], 1),
+        rss_max_sample_growth_mb=round(max(y for _, y in samples) - start, 1),
+        rss_slope_mb_per_1k=round(_slope(steady), 2) if len(steady) >= 2 else None,
+        rss_samples=[(x, round(y, 1)) for x, y in samples],
+        peak_rss_growth_mb=round(grow / 1024, 1),
         python_heap_peak_mb=round(heap / 2**20, 2),
     )
 
@@ -119,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
         line = subprocess.run(cmd + ["--spans", args.spans], check=True, capture_output=True, text=True)
         row = json.loads(line.stdout.strip().splitlines()[-1])
         result["memory"].append(row)
+        slope = row["rss_slope_mb_per_1k"]
         print(
-            f"  {n:6d} examples: {row['seconds']:7.1f} s, peak RSS growth {row['rss_growth_mb']:.1f} MB, "
-            f"Python heap peak {row['python_heap_peak_mb']:.2f} MB",
+            f"  {n:6d} examples: {row['seconds']:7.1f} s, RSS {row['rss_start_mb']:.0f} -> "
+            f"{row['rss_end_mb']:.0f} MB (largest sample +{row['rss_max_sample_growth_mb']:.1f} MB, slope "
+            f"{'n/a' if slope is None else f'{slope:+.2f}'} MB per 1k examples), peak RSS growth "
+            f"{row['peak_rss_growth_mb']:.1f} MB, Python heap peak {row['python_heap_peak_mb']:.2f} MB",
             flush=True,
         )
     if args.out:

@@ -668,7 +668,7 @@ def ensure_pipelines(runs: Path, *, fast: bool, threads: int = 1) -> dict[str, P
                 "--experts",
                 str(rl / "experts_count_all.json"),
                 *thr,
-                *(FAST["ceft"] if fast else []),
+                *(FAST["ceft"] if fast else ["--controls"]),
             ]
         )
     return {"routerlens": rl, "analysis": an, "ceft": ce}

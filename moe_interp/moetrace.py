@@ -96,6 +96,53 @@ class MoETrace:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def __getitem__(self, i: int) -> MoETrace:
+        """The trace of prompt ``i`` alone (negative indices count from the end; ``for t in trace`` works):
+        every token-axis tensor sliced to its tokens, ``example`` all 0, ``next_token_logits`` [1, V]."""
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"a trace is indexed by prompt number (int), got {type(i).__name__}")
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"prompt index {i} out of range for a trace of {len(self)} prompts")
+        i %= len(self)
+        sl = self.token_slice(i)
+        token_axis = {  # the token axis of each tensor field
+            "token_ids": 0,
+            "example": 0,
+            "position": 0,
+            "router_logits": 1,
+            "router_probs": 1,
+            "topk_indices": 1,
+            "topk_weights": 1,
+            "selection_scores": 1,
+            "near_tie": 1,
+            "attn_to_spans": 1,
+            "expert_outputs": 1,
+            "shared_outputs": 1,
+            "block_outputs": 1,
+        }
+        sliced = {
+            name: None
+            if getattr(self, name) is None
+            else getattr(self, name).narrow(axis, sl.start, sl.stop - sl.start)
+            for name, axis in token_axis.items()
+        }
+        sliced["example"] = torch.zeros_like(sliced["example"])
+        extra = {
+            name: {k: v if k == "layers" else v[:, sl] for k, v in parts.items()}
+            for name, parts in self.extra_routing.items()
+        }
+        kept = {f.name: getattr(self, f.name) for f in fields(self)}
+        kept.update(
+            sliced,
+            prompts=[self.prompts[i]],
+            tokens=self.tokens[sl],
+            spans=[self.spans[i]],
+            next_token_logits=self.next_token_logits[i : i + 1],
+            attention_maps=None if self.attention_maps is None else [self.attention_maps[i]],
+            extra_routing=extra,
+        )
+        return MoETrace(**kept)
+
     def token_slice(self, i: int) -> slice:
         """The flat-token range of prompt ``i``."""
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.prompts):

@@ -21,12 +21,18 @@ class Recorder:
 
     def __init__(self, arch: MoEArchitecture, layers: list[MoELayer], valid: torch.Tensor, experts: bool):
         self.arch, self.layers, self.valid, self.experts = arch, layers, valid, experts
+        self.no_padding = bool(valid.all())
         self.data: dict[str, dict[int, torch.Tensor]] = {}
 
     def put(self, kind: str, layer: int, value: torch.Tensor) -> None:
         """Store ``value`` ([B*T, X] or [B, T, X]) as [N, X] float32 on the CPU, padding dropped."""
-        rows = value.detach().reshape(-1, value.shape[-1])
-        self.data.setdefault(kind, {})[layer] = rows.float().cpu()[self.valid]
+        rows = value.detach().reshape(-1, value.shape[-1]).float().cpu()
+        if self.no_padding:  # nothing to drop: keep the tensor, but never a view of the model's own buffer
+            self.data.setdefault(kind, {})[layer] = (
+                rows.clone() if rows.data_ptr() == value.data_ptr() else rows
+            )
+        else:
+            self.data.setdefault(kind, {})[layer] = rows[self.valid]
 
     def has(self, kind: str) -> bool:
         return bool(self.data.get(kind))

@@ -6,10 +6,22 @@ import inspect
 
 from torch import nn
 
+_ACCEPTS: dict[tuple[object, str], bool] = {}
+
 
 def forward_accepts(model: nn.Module, name: str) -> bool:
-    """True if ``model.forward`` has a parameter called ``name`` (False if its signature can't be read)."""
+    """True if ``model.forward`` has a parameter called ``name`` (False if its signature can't be read).
+
+    Answers are cached per forward function (reading a signature costs about as much as a small layer).
+    """
+    forward = model.forward
+    key = (getattr(forward, "__func__", None), name)
+    if key[0] is not None and key in _ACCEPTS:
+        return _ACCEPTS[key]
     try:
-        return name in inspect.signature(model.forward).parameters
+        accepts = name in inspect.signature(forward).parameters
     except (TypeError, ValueError):
-        return False
+        accepts = False
+    if key[0] is not None:
+        _ACCEPTS[key] = accepts
+    return accepts

@@ -11,7 +11,7 @@ from torch import nn
 
 from moe_interp import backends
 from moe_interp.architectures import get_architecture
-from moe_interp.data.spans import char_to_token_spans, encode_with_offsets, find_answer_spans
+from moe_interp.data.spans import char_to_token_spans, encode_many_with_offsets, find_answer_spans
 from moe_interp.errors import InputError
 from moe_interp.moetrace import MoETrace, Span
 from moe_interp.recording import AttentionSink, Recorder
@@ -78,7 +78,11 @@ def trace(
         raise InputError("prompt is an empty list")
     contexts = _broadcast(context, len(prompts), "context")
     answers = _broadcast(answer, len(prompts), "answer")
-    encoded = [_encode(tokenizer, p, c, a) for p, c, a in zip(prompts, contexts, answers, strict=True)]
+    tokenized = encode_many_with_offsets(tokenizer, prompts)
+    encoded = [
+        _encode(p, c, a, *ids_offsets)
+        for p, c, a, ids_offsets in zip(prompts, contexts, answers, tokenized, strict=True)
+    ]
     _check_lengths(hf, encoded, prompts)
     span_names = tuple(n for n in ("context", "answer") if any(n in e.spans for e in encoded))
 
@@ -114,9 +118,13 @@ def trace(
         experts_out, shared = rec.stack("expert"), rec.shared()
     else:
         experts_out = shared = None
-    choice = torch.stack(
-        [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
-    )
+    probs = arch.probabilities(logits)
+    if arch.rule.choice_bias is None and arch.rule.score in ("softmax", "sigmoid"):
+        choice = probs  # the rule chooses by these very probabilities: no second softmax
+    else:
+        choice = torch.stack(
+            [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
+        )
     return MoETrace(
         model_type=arch.model_type,
         layers=[layer.number for layer in moe_layers],
@@ -128,7 +136,7 @@ def trace(
         example=example,
         position=positions,
         router_logits=logits,
-        router_probs=arch.probabilities(logits),
+        router_probs=probs,
         topk_indices=indices,
         topk_weights=weights,
         selection_scores=choice if arch.rule.choice_bias is not None else None,
@@ -181,7 +189,10 @@ def _checked(items: list, name: str, *, allow_none: bool) -> list:
     return items
 
 
-def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> _Encoded:
+def _encode(
+    prompt: str, context: str | None, answer: str | None, ids: list[int], offsets: list[tuple[int, int]]
+) -> _Encoded:
+    """``prompt``'s token ids with its context / answer spans in tokens."""
     char_spans: dict[str, list[Span]] = {}
     if context is not None:
         start = prompt.find(context) if context else -1
@@ -199,7 +210,6 @@ def _encode(tokenizer, prompt: str, context: str | None, answer: str | None) -> 
             where = "the context" if context is not None else "the prompt"
             raise InputError(f"answer {_quote(answer)} not found in {where} of prompt {_quote(prompt)}")
         char_spans["answer"] = found
-    ids, offsets = encode_with_offsets(tokenizer, prompt)
     if not ids:
         raise InputError(f"prompt {_quote(prompt)} tokenizes to no tokens")
     spans = {

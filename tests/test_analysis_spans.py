@@ -88,6 +88,21 @@ def test_model_untouched_on_error(tokenizer) -> None:
     assert hooks == sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
+def test_no_answer_in_any_context_still_gives_cag(tokenizer) -> None:
+    """CAG is defined without answer spans: a warning, and AAG rows are simply absent from the gains."""
+    from moe_interp.analysis.gains import attention_gains
+
+    model = make_model("olmoe")
+    missing = [QAExample("m", CTX, "Where is the Eiffel Tower?", ("Berlin",))]
+    with pytest.warns(UserWarning, match="none of the 1 examples.*AAG"):
+        base = span_attention(model, tokenizer, missing)
+    with pytest.warns(UserWarning), mask_experts(model, {0: [0]}):
+        tuned = span_attention(model, tokenizer, missing)
+    gains = attention_gains(base, tuned)
+    assert set(gains["measure"]) == {"CAG"} and (gains["n"] == 1).all()
+    assert base.per_example[..., 1].eq(0).all() and base.per_example[..., 0].gt(0).all()
+
+
 def test_token_difference(tokenizer) -> None:
     model = make_model("olmoe")
     base = token_attention(model, tokenizer, EXAMPLES[0], layers=[1, 2])

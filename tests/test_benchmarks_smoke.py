@@ -36,3 +36,5 @@ def test_routerlens_counting_smoke(tmp_path):
     result = json.loads(out.read_text())
     assert result["examples"] == 16 and result["ratio"] > 0
     assert [row["examples"] for row in result["memory"]] == [12]
+    row = result["memory"][0]
+    assert row["rss_samples"][0][0] == 0 and row["rss_slope_mb_per_1k"] is None

@@ -10,7 +10,9 @@ from conftest import make_model
 from moe_interp.architectures import get_architecture
 from moe_interp.ceft import (
     CEFTConfig,
+    all_experts,
     applied_deltas,
+    attention_only,
     ceft,
     count_trainable,
     full_fine_tuning,
@@ -53,6 +55,25 @@ def test_trainable_counts_are_exact(model_type):
         if p.dim() - (p.shape[0] == n_exp) == 2
     )
     assert count_trainable(resolve_targets(model, lora_all_experts(2))) == expected
+    experts = sum(p.numel() for m in layers for p in m.experts.parameters())
+    assert count_trainable(resolve_targets(model, all_experts())) == experts
+    attn = {id(p): p.numel() for _, a in arch.attention_modules(model) for p in a.parameters()}
+    assert attn and count_trainable(resolve_targets(model, attention_only())) == sum(attn.values())
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "deepseek_v3"])
+def test_attention_only_changes_only_attention(model_type, tokenizer):
+    """The attention control trains exactly the attention modules' parameters (nothing else moves)."""
+    model = make_model(model_type)
+    attn = {id(p) for _, a in get_architecture(model).attention_modules(model) for p in a.parameters()}
+    cfg = CEFTConfig(lr=1e-2, epochs=1, batch_size=4, weight_decay=0.1, warmup_ratio=0.0)
+    res = train(model, tokenizer, qa_records(8), method=attention_only(), config=cfg, progress=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge_deltas(model, res.targets, res.deltas)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    expected = {n for n, p in model.named_parameters() if id(p) in attn}
+    assert moved and moved <= expected
+    assert {t.name for t in res.targets} == expected
 
 
 def test_bad_specs_name_the_problem():

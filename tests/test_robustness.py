@@ -180,7 +180,7 @@ def test_padding_never_enters_statistics(tokenizer, lengths):
 _MODEL = make_model("olmoe")
 
 
-def test_answers_never_in_contexts_is_a_clear_error(tokenizer):
+def test_answers_never_in_contexts_is_a_clear_warning(tokenizer):
     from moe_interp.analysis import span_attention
     from moe_interp.data import QAExample
 
@@ -196,5 +196,6 @@ def test_answers_never_in_contexts_is_a_clear_error(tokenizer):
         )
         for i in range(3)
     ]
-    with pytest.raises(DataError, match="none of the 3 examples .first id 'x0'"):
-        span_attention(_MODEL, tokenizer, examples)
+    with pytest.warns(UserWarning, match="none of the 3 examples .first id 'x0'"):
+        result = span_attention(_MODEL, tokenizer, examples)
+    assert result.n == 3  # CAG is still measured

@@ -181,6 +181,34 @@ def test_batched_equals_unbatched(model_type, tokenizer):
         assert batch.tokens[sl] == one.tokens
 
 
+@pytest.mark.parametrize("model_type", ["olmoe", "deepseek_v3", "jetmoe"])
+def test_indexing_a_trace_gives_each_prompt_alone(model_type, tokenizer):
+    """t[i] holds what tracing prompt i on its own records (every field, spans and attention included)."""
+    model = make_model(model_type)
+    ctx = [CONTEXT, None, None]
+    ans = ["Paris", None, None]
+    kw = dict(tokenizer=tokenizer, full_attention=True, expert_outputs=True)
+    batch = moe_interp.trace(model, PROMPTS, context=ctx, answer=ans, **kw)
+    assert [t.prompts for t in batch] == [[p] for p in PROMPTS]  # iteration stops at the end
+    for i, p in enumerate(PROMPTS):
+        one = moe_interp.trace(model, p, context=ctx[i], answer=ans[i], **kw)
+        sub = batch[i - len(PROMPTS)] if i == 2 else batch[i]  # negative indices too
+        assert sub.tokens == one.tokens and sub.spans == one.spans and torch.equal(sub.example, one.example)
+        for name in ("router_logits", "router_probs", "topk_weights", "next_token_logits", "block_outputs"):
+            torch.testing.assert_close(getattr(sub, name), getattr(one, name), atol=1e-4, rtol=1e-4)
+        assert torch.equal(sub.topk_indices, one.topk_indices)
+        torch.testing.assert_close(sub.attention_maps[0], one.attention_maps[0], atol=1e-5, rtol=0)
+        if one.span_names:
+            torch.testing.assert_close(sub.attn_to_spans, one.attn_to_spans, atol=1e-5, rtol=0)
+        for name, parts in one.extra_routing.items():
+            torch.testing.assert_close(sub.extra_routing[name]["router_logits"], parts["router_logits"])
+        assert torch.equal(sub.selection_counts(), one.selection_counts())
+    with pytest.raises(IndexError, match="out of range for a trace of 3 prompts"):
+        batch[3]
+    with pytest.raises(TypeError, match="prompt number"):
+        batch["0"]
+
+
 def test_padding_never_counted(tokenizer):
     model = make_model("mixtral")
     t = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer)

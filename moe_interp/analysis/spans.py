@@ -12,6 +12,7 @@ computed (:class:`~moe_interp.analysis.rows.RowAttentionRecorder`); the model ke
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from moe_interp.analysis.encode import SPAN_NAMES, Batch, batches, model_device
 from moe_interp.analysis.rows import RowAttentionRecorder
 from moe_interp.architectures import get_architecture
-from moe_interp.errors import DataError, InputError
+from moe_interp.errors import InputError
 from moe_interp.hooks import ModelPatch
 from moe_interp.signature import forward_accepts
 
@@ -158,9 +159,11 @@ def span_attention(
     if total is None or layers is None:
         raise InputError("examples is empty")
     if with_answer_span == 0:
-        raise DataError(
+        warnings.warn(
             f"the answer occurs in the context of none of the {n} examples (first id {first_id!r}): "
-            "attention to the answer span (AAG) is undefined; check the data set's answer and context fields"
+            "attention to the context (CAG) is measured, attention to the answer span (AAG) is undefined; "
+            "check the data set's answer and context fields",
+            stacklevel=2,
         )
     per = torch.cat(chunks) if keep == "examples" else None
     return SpanAttention(layers, SPAN_NAMES, total, n, per, ids, query)

@@ -20,6 +20,8 @@ from moe_interp.ceft.report import evaluate_methods, figure, markdown_table, pap
 from moe_interp.ceft.targets import (
     DeltaTarget,
     Method,
+    all_experts,
+    attention_only,
     ceft,
     count_parameters,
     count_trainable,
@@ -37,7 +39,9 @@ __all__ = [
     "CEFTResult",
     "DeltaTarget",
     "Method",
+    "all_experts",
     "applied_deltas",
+    "attention_only",
     "attached_deltas",
     "ceft",
     "count_parameters",

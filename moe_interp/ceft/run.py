@@ -6,7 +6,8 @@
    it exists, else computed here with Router Lens (router tuning on ``conflict_tune``, selection counts,
    the paper's ``count`` rule) into ``<out>/routerlens/``;
 2. train CEFT, FFT, RT, random experts (same count per layer, seeded), LoRA on all experts (and CEFT-LoRA
-   with ``--ceft-lora``) on ``conflict_tune`` with the same data, epochs and batch size (dev loss on
+   with ``--ceft-lora``; with ``--controls`` also every expert, and attention only, to show where the
+   model's choice can be moved) on ``conflict_tune`` with the same data, epochs and batch size (dev loss on
    ``conflict_dev`` picks the best epoch); each into ``<out>/<method>/``;
 3. evaluate Base and every method on ``conflict_test`` (EM / F1 / Pc / Po) and closed-book on memorised
    facts (forgetting); ``rows.csv``, ``table.csv``, ``table.md``, ``figure.html`` and ``report.md``.
@@ -27,6 +28,8 @@ from moe_interp.ceft.engine import CEFTConfig, CEFTResult, train
 from moe_interp.ceft.report import evaluate_methods, figure, markdown_table, paper_table
 from moe_interp.ceft.targets import (
     Method,
+    all_experts,
+    attention_only,
     ceft,
     count_parameters,
     full_fine_tuning,
@@ -83,12 +86,17 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--experts", default=None, help="Router Lens experts JSON (default: see above)")
     p.add_argument(
         "--lrs",
-        default="FFT=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3",
+        default="FFT=3e-4,Attention=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3",
         help="per-method learning rates NAME=LR (others: --lr)",
     )
     p.add_argument("--random-seeds", default="0", help="comma-separated seeds of random-expert controls")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--ceft-lora", action="store_true", help="also train LoRA on the CE")
+    p.add_argument(
+        "--controls",
+        action="store_true",
+        help="also train every expert (All-experts) and attention only (Attention, at FFT's lr)",
+    )
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--test-limit", type=int, default=None)
     p.add_argument("--memorised-limit", type=int, default=400)
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     if args.ceft_lora:
         methods.append(ceft(ce, lora_rank=args.lora_rank))
+    if args.controls:
+        methods += [all_experts(), attention_only()]
     if args.methods:
         keep = {m.strip() for m in args.methods.split(",")}
         methods = [m for m in methods if m.name in keep]

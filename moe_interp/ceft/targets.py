@@ -6,8 +6,10 @@ dimension first, either ``[E, ...]`` (e.g. OLMoE ``gate_up_proj [E, 2I, d]``, GP
 parameter as ``[E, *block]`` and trains only the blocks of the chosen experts.
 
 Methods (:class:`Method`): ``experts`` (CEFT and the random-experts control: the chosen experts' blocks),
-``full`` (FFT: every parameter), ``routers`` (RT: the router parameters, as in :mod:`moe_interp.routerlens`)
-and low-rank deltas on expert blocks (``lora_rank > 0``; LoRA on CE, or on all experts).
+``full`` (FFT: every parameter), ``routers`` (RT: the router parameters, as in :mod:`moe_interp.routerlens`),
+``attention`` (every attention module's parameters: a diagnostic control that shows whether a model's
+context-vs-memory choice can be moved without its experts) and low-rank deltas on expert blocks
+(``lora_rank > 0``; LoRA on CE, or on all experts).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from moe_interp.errors import InputError
 from moe_interp.routerlens.masking import ExpertSpec, expert_spec
 from moe_interp.routerlens.tuning import router_parameter_names
 
-Kind = Literal["experts", "full", "routers"]
+Kind = Literal["experts", "full", "routers", "attention"]
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,8 @@ class Method:
     Attributes:
         name: the label used in reports (e.g. ``"CEFT"``).
         kind: ``"experts"`` (the blocks of ``experts``; all experts of every MoE layer when ``experts`` is
-            None), ``"full"`` (every parameter) or ``"routers"`` (the router parameters).
+            None), ``"full"`` (every parameter), ``"routers"`` (the router parameters) or ``"attention"``
+            (the parameters of every decoder layer's attention module).
         experts: ``{layer: [expert, ...]}`` with the model's decoder-layer numbers (``kind="experts"``).
         lora_rank, lora_alpha: low-rank deltas on the expert weight matrices instead of dense blocks
             (``kind="experts"`` only; expert biases are then frozen). ``lora_alpha`` defaults to ``2 * rank``.
@@ -126,7 +129,7 @@ class Method:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("experts", "full", "routers"):
+        if self.kind not in ("experts", "full", "routers", "attention"):
             raise InputError(f"method {self.name!r}: unknown kind {self.kind!r}")
         if self.lora_rank < 0 or (self.lora_rank and self.kind != "experts"):
             raise InputError(f"method {self.name!r}: lora_rank={self.lora_rank} needs kind='experts'")
@@ -177,6 +180,17 @@ def full_fine_tuning(name: str = "FFT", **kw: Any) -> Method:
 def router_tuning(name: str = "RT", **kw: Any) -> Method:
     """RT: the MoE routers' parameters (:func:`moe_interp.routerlens.router_parameter_names`)."""
     return Method(name, "routers", **kw)
+
+
+def all_experts(name: str = "All-experts", **kw: Any) -> Method:
+    """Every expert of every MoE layer (dense deltas): the most any expert-only method can train."""
+    return Method(name, "experts", None, **kw)
+
+
+def attention_only(name: str = "Attention", **kw: Any) -> Method:
+    """Every attention module's parameters (no experts, routers, norms or embeddings): a control that shows
+    whether the model's context-vs-memory choice is movable without its experts."""
+    return Method(name, "attention", **kw)
 
 
 def lora_all_experts(rank: int = 8, name: str | None = None, **kw: Any) -> Method:
@@ -237,6 +251,12 @@ def resolve_targets(model: nn.Module, method: Method) -> list[DeltaTarget]:
     if method.kind == "routers":
         return [DeltaTarget(n, tuple(params[n].shape)) for n in router_parameter_names(model)]
     arch = get_architecture(model)
+    if method.kind == "attention":
+        names = {id(p): n for n, p in params.items()}
+        owned = [names[id(p)] for _, attn in arch.attention_modules(model) for p in attn.parameters()]
+        if not owned:
+            raise InputError(f"method {method.name!r}: no attention parameters found in {arch.model_type}")
+        return [DeltaTarget(n, tuple(params[n].shape)) for n in dict.fromkeys(owned)]
     n_experts = arch.num_experts(model.config)
     layers = {m.number: m for m in arch.moe_layers(model)}
     if method.experts is None:

@@ -189,9 +189,22 @@ def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tupl
 
     Uses a fast tokenizer's offset mapping; otherwise :func:`offsets_from_decoding`.
     """
+    return encode_many_with_offsets(tokenizer, [text])[0]
+
+
+def encode_many_with_offsets(
+    tokenizer: Any, texts: list[str]
+) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """:func:`encode_with_offsets` for each of ``texts``, in one tokenizer call where the tokenizer can."""
     try:
-        enc = tokenizer(text, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        enc = tokenizer(texts, return_offsets_mapping=True)
+        return [
+            (list(ids), [tuple(o) for o in offs])
+            for ids, offs in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
     except (NotImplementedError, TypeError, ValueError, KeyError):
-        ids = list(tokenizer(text)["input_ids"])
-        return ids, offsets_from_decoding(tokenizer, ids, text)
+        out = []
+        for text in texts:
+            ids = list(tokenizer(text)["input_ids"])
+            out.append((ids, offsets_from_decoding(tokenizer, ids, text)))
+        return out
