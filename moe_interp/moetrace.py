@@ -157,10 +157,21 @@ class MoETrace:
         return self.layers.index(layer)
 
     def span_mask(self, name: str) -> torch.Tensor:
-        """[N] bool: tokens inside span ``name`` (``"all"`` = every token)."""
-        if name == "all":
+        """[N] bool: tokens inside span ``name``: a recorded span (``"context"``, ``"answer"``), ``"all"``
+        (every token), ``"last"`` (each prompt's last token); the names of
+        :func:`~moe_interp.routerlens.count_selections` work too (``"prompt"`` = all, ``"context_answer"`` =
+        the answer's occurrences inside a recorded context)."""
+        if name in ("all", "prompt"):
             return torch.ones(len(self.tokens), dtype=torch.bool)
-        valid = {"all", *self.span_names}
+        if name == "last":
+            mask = torch.zeros(len(self.tokens), dtype=torch.bool)
+            mask[[self.token_slice(i).stop - 1 for i in range(len(self))]] = True
+            return mask
+        if name == "context_answer" and "context" in self.span_names:
+            name = "answer"
+        valid = {"all", "prompt", "last", *self.span_names}
+        if "context" in self.span_names and "answer" in self.span_names:
+            valid.add("context_answer")
         if name not in valid:
             raise InputError(f"unknown span {name!r}; this trace has: {sorted(valid)}")
         mask = torch.zeros(len(self.tokens), dtype=torch.bool)

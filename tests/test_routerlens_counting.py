@@ -49,8 +49,9 @@ def test_counts_match_trace(model_type, tokenizer):
         progress=False,
     )
     assert got.layers == trace(model, "x", tokenizer=tokenizer, attention=False).layers
-    for span, tspan in (("prompt", "all"), ("context", "context"), ("context_answer", "answer")):
-        assert torch.equal(got.counts[span], _trace_counts(model, tokenizer, exs, tspan)), span
+    for span in ("prompt", "context", "context_answer", "last"):  # a trace takes counting's span names
+        assert torch.equal(got.counts[span], _trace_counts(model, tokenizer, exs, span)), span
+    assert torch.equal(got.counts["context_answer"], _trace_counts(model, tokenizer, exs, "answer"))
     k = got.top_k
     n_prompt = sum(len(tokenizer(build_prompt(e.context, e.question))["input_ids"]) for e in exs)
     assert got.tokens["prompt"] == n_prompt

@@ -112,7 +112,11 @@ def test_renormalize_softmax_over_remaining_experts(tokenizer):
         with mask_experts(model, spec, renormalize=renormalize):
             t = trace(model, PROMPTS, tokenizer=tokenizer, attention=False)
         logits = t.router_logits.clone()
+        # the trace shows the routing applied: removed experts have probability 0, the rest sum to 1
+        assert t.router_probs[..., [0, 1]].eq(0).all() == renormalize
+        torch.testing.assert_close(t.router_probs.sum(-1), torch.ones(t.router_probs.shape[:-1]))
         if renormalize:
+            assert torch.isinf(logits[..., [0, 1]]).all()
             logits[..., [0, 1]] = float("-inf")
         probs = logits.softmax(-1)
         probs[..., [0, 1]] = -1.0  # never chosen

@@ -8,7 +8,8 @@ the router's output:
   from the choice. By default their probability mass is *not* redistributed (a softmax router keeps its
   softmax over all experts, as ``RoutingRule.route`` documents); with ``renormalize=True`` the masked logits
   are set to ``-inf`` first, so the softmax runs over the remaining experts only (as if the experts had
-  been removed from the model);
+  been removed from the model), and the router returns those ``-inf`` logits (a trace's ``router_probs``
+  are then 0 for the removed experts);
 - routers returning logits only (DBRX): the masked logits are set to ``-inf`` before the block's own rule
   (so these always renormalise);
 - expert-grouped routers (JetMoE): the sorted index, token index, gates and expert sizes are rebuilt from
@@ -134,6 +135,8 @@ class _RouterMask:
             old_w, old_i = values[names.index("weights")], values[names.index("indices")]
             values[names.index("weights")] = weights.to(old_w.dtype)
             values[names.index("indices")] = indices.to(old_i.dtype)
+            if self.renormalize:  # removed experts: readers of the logits (a trace) see them gone too
+                values[names.index("logits")] = scores
         elif "scores" in names:  # dense [T, E] scores, zero for unchosen experts
             old = values[names.index("scores")]
             dense = torch.zeros(old.shape, dtype=torch.float32, device=old.device)
