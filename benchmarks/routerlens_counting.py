@@ -8,11 +8,11 @@ Uses the demo model and ``conflict_tune``. "plain" runs the same padded batches 
 
 ``--memory-sizes 100 1000 10000`` also measures the memory of ``count_selections`` streaming that many
 examples (the split's records repeated, fed as a generator), each size in a fresh subprocess: the resident
-set size (RSS) sampled every 1,000 examples while it runs (its least-squares slope in MB per 1,000 examples
-after the first 2,048, i.e. after the first chunk has set up every buffer: ~0 if nothing accumulates), the
-peak RSS growth (``ru_maxrss``: a maximum over allocator noise, so it creeps up with run length even when the
-samples are flat) and the Python-heap peak (``tracemalloc``, in a separate run so that its bookkeeping does
-not inflate the RSS numbers). ``--out`` writes it all as JSON.
+set size (RSS) polled every 2 ms, as the peak growth over the start during each streaming chunk (``64 *
+batch_size`` examples: flat across chunks if nothing accumulates), the whole run's peak growth
+(``ru_maxrss``: a maximum over the allocator's chunk-to-chunk noise, so it creeps up with run length even
+when every chunk peaks alike) and the Python-heap peak (``tracemalloc``, in a separate run so that its
+bookkeeping does not inflate the RSS numbers). ``--out`` writes it all as JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -43,33 +44,35 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _slope(points: list[tuple[int, float]]) -> float:
-    """Least-squares slope of (examples, MB) points, in MB per 1,000 examples (0 for fewer than 2)."""
-    if len(points) < 2:
-        return 0.0
-    xs, ys = [x / 1000 for x, _ in points], [y for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
-
-
 def memory(n: int, batch_size: int, spans: list[str]) -> dict:
     """Memory of counting ``n`` streamed examples (run in a fresh process; see the module docstring)."""
     torch.set_num_threads(1)
     model, tok = load_demo()
     exs = demo_examples("conflict_tune")
-    samples: list[tuple[int, float]] = []
+    chunk = 64 * batch_size  # count_selections streams (and sorts) this many examples at a time
+    peaks: dict[int, float] = {}
+    current = [0]
+    stop = threading.Event()
+
+    def poll() -> None:  # the RSS every 2 ms, as the peak of the chunk being processed
+        while not stop.is_set():
+            rss, c = _rss_mb(), current[0]
+            peaks[c] = max(peaks.get(c, 0.0), rss)
+            stop.wait(0.002)
 
     def stream():
         for i in range(n):
-            if i % 1000 == 0:
-                samples.append((i, _rss_mb()))
+            current[0] = i // chunk  # chunk c is processed after its last example was taken
             yield exs[i % len(exs)]
 
     start_peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _rss_mb()
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     t0 = time.perf_counter()
     counts = count_selections(model, tok, stream(), spans=spans, batch_size=batch_size, progress=False)
     seconds = time.perf_counter() - t0
-    samples.append((n, _rss_mb()))
+    stop.set()
+    poller.join()
     grow = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_peak
     assert counts.n_examples == n, (counts.n_examples, n)
     tracemalloc.start()  # a second, shorter pass only for the Python heap (tracemalloc costs RSS itself)
@@ -83,15 +86,16 @@ def memory(n: int, batch_size: int, spans: list[str]) -> dict:
     )
     heap = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    steady = [(x, y) for x, y in samples if x >= 2048]
+    per_chunk = [round(peaks[c] - start, 1) for c in sorted(peaks)]
+    later = per_chunk[1:]
     return dict(
         examples=n,
         seconds=round(seconds, 1),
+        chunk=chunk,
         rss_start_mb=round(start, 1),
-        rss_end_mb=round(samples[-1][1], 1),
-        rss_max_sample_growth_mb=round(max(y for _, y in samples) - start, 1),
-        rss_slope_mb_per_1k=round(_slope(steady), 2) if len(steady) >= 2 else None,
-        rss_samples=[(x, round(y, 1)) for x, y in samples],
+        chunk_peak_growth_mb=per_chunk,
+        first_chunk_peak_growth_mb=per_chunk[0],
+        later_chunks_peak_growth_mb=[min(later), max(later)] if later else None,
         peak_rss_growth_mb=round(grow / 1024, 1),
         python_heap_peak_mb=round(heap / 2**20, 2),
     )
@@ -163,12 +167,13 @@ def main(argv: list[str] | None = None) -> None:
         line = subprocess.run(cmd + ["--spans", args.spans], check=True, capture_output=True, text=True)
         row = json.loads(line.stdout.strip().splitlines()[-1])
         result["memory"].append(row)
-        slope = row["rss_slope_mb_per_1k"]
+        later = row["later_chunks_peak_growth_mb"]
         print(
-            f"  {n:6d} examples: {row['seconds']:7.1f} s, RSS {row['rss_start_mb']:.0f} -> "
-            f"{row['rss_end_mb']:.0f} MB (largest sample +{row['rss_max_sample_growth_mb']:.1f} MB, slope "
-            f"{'n/a' if slope is None else f'{slope:+.2f}'} MB per 1k examples), peak RSS growth "
-            f"{row['peak_rss_growth_mb']:.1f} MB, Python heap peak {row['python_heap_peak_mb']:.2f} MB",
+            f"  {n:6d} examples: {row['seconds']:7.1f} s, RSS peak growth in the first chunk "
+            f"{row['first_chunk_peak_growth_mb']:.1f} MB, in each later chunk "
+            f"{'n/a' if later is None else f'{later[0]:.1f}-{later[1]:.1f}'} MB; peak RSS growth "
+            f"(ru_maxrss) {row['peak_rss_growth_mb']:.1f} MB, "
+            f"Python heap peak {row['python_heap_peak_mb']:.2f} MB",
             flush=True,
         )
     if args.out:

@@ -14,7 +14,11 @@ tokenisation; the plain forward gets pre-tokenised ids, so the ratios are an upp
 LM head that a plain forward computes at every position. Each row therefore has two ratios: ``ratio`` against
 the plain forward (what a user would otherwise run) and ``ratio_last_token_logits`` against a plain forward
 that also computes only those logits (the overhead of recording alone). nnsight is measured both ways, and
-also from the prompts (tokenisation inside the timed call, as ``trace`` does).
+also from the prompts (tokenisation inside the timed call, as ``trace`` does). For attention to spans the
+peers record the same quantities their way: nnsight saves the routers and every layer's attention
+probabilities from an eager-attention copy of the model, TransformerLens caches the MoE hooks and
+``hook_pattern``; both then reduce the maps to span masses; ``trace`` is also timed on that eager copy
+(it then records the probabilities eager returns instead of computing them a second time).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ import moe_interp
 KEEP = "plain forward, last-token logits (logits_to_keep)"
 NNSIGHT_KEEP = "nnsight: save every router output, last-token logits"
 NNSIGHT_TEXT = "nnsight from prompts: tokenise, save routers, last-token logits"
+TRACE_EAGER = "trace: routing + attention to spans, eager-attention copy"
+NNSIGHT_SPANS = "nnsight: routers + eager attention maps -> span masses"
+LENS_SPANS = "TransformerLens: run_with_cache (MoE hooks + patterns) -> span masses"
 WORDS = "the model reads the context and the answer is in the passage about Paris France river city".split()
 
 
@@ -107,9 +114,22 @@ def _prompts(tok, batch: int, length: int) -> tuple[list[str], list[str], list[s
     return prompts, contexts, answers
 
 
+def _span_indicators(model, tok, prompts, contexts, answers, width: int) -> torch.Tensor:
+    """[B, 2, T] float: 1 on each prompt's context / answer tokens (the spans ``trace`` marks; computed once,
+    outside the timings, for the peers' span masses)."""
+    t = moe_interp.trace(model, prompts, context=contexts, answer=answers, tokenizer=tok, attention=False)
+    out = torch.zeros(len(prompts), 2, width)
+    for b, spans in enumerate(t.spans):
+        for s, name in enumerate(("context", "answer")):
+            for start, end in spans.get(name, []):
+                out[b, s, start:end] = 1.0
+    return out
+
+
 def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str, Callable[[], object]]:
     enc = tok(prompts, padding=True, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
+    spans = _span_indicators(model, tok, prompts, contexts, answers, ids.shape[1])
     # the logits trace() returns: one row per prompt's last token (right padding)
     keep = torch.unique(mask.sum(1) - 1)
     out: dict[str, Callable[[], object]] = {
@@ -126,6 +146,12 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
             model, prompts, tokenizer=tok, attention=False, expert_outputs=True
         ),
     }
+    # an eager-attention copy: eager kernels return the probabilities, which trace then records directly
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    out[TRACE_EAGER] = lambda: moe_interp.trace(
+        eager, prompts, context=contexts, answer=answers, tokenizer=tok
+    )
     arch = moe_interp.get_architecture(model)
     try:
         from nnsight import NNsight
@@ -150,6 +176,26 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
         out["nnsight: save every router output"] = nnsight_routers
         out[NNSIGHT_KEEP] = lambda: nnsight_routers(logits_to_keep=keep)
         out[NNSIGHT_TEXT] = nnsight_from_text
+
+        # the same quantities as "trace: routing + attention to spans": routers and every layer's attention
+        # probabilities (eager attention returns them), reduced to span masses
+        wrapped_eager = NNsight(eager)
+        attn_layers = [n for n, _ in arch.attention_modules(model)]
+
+        def nnsight_spans():
+            routers, maps = [], []
+            layers = wrapped_eager.model.layers
+            with wrapped_eager.trace(
+                input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep
+            ):
+                for number in sorted(set(attn_layers) | set(numbers)):  # nnsight: in execution order
+                    if number in attn_layers:
+                        maps.append(layers[number].self_attn.output[1].save())
+                    if number in numbers:
+                        routers.append(layers[number].mlp.gate.output.save())
+            return routers, [torch.einsum("bhqk,bsk->bqhs", w.float(), spans) for w in maps]
+
+        out[NNSIGHT_SPANS] = nnsight_spans
     except ImportError:
         pass
     try:
@@ -164,10 +210,20 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
             str(folder), hf_model=own, tokenizer=PreTrainedTokenizerFast.from_pretrained(folder)
         )
         names = {n for n in bridge.hook_dict if ".mlp.gate.hook_out" in n or "hook_expert_" in n}
+        patterns = {n for n in bridge.hook_dict if n.endswith(".attn.hook_pattern")}
         if names:
             out["TransformerLens: run_with_cache (MoE hooks)"] = lambda: bridge.run_with_cache(
                 ids, attention_mask=mask, names_filter=lambda n: n in names
             )
+        if names and patterns:
+
+            def lens_spans():
+                _, cache = bridge.run_with_cache(
+                    ids, attention_mask=mask, names_filter=lambda n: n in names or n in patterns
+                )
+                return [torch.einsum("bhqk,bsk->bqhs", cache[n].float(), spans) for n in sorted(patterns)]
+
+            out[LENS_SPANS] = lens_spans
     except Exception as exc:  # noqa: BLE001 - no bridge for this architecture
         print(f"  (TransformerLens skipped: {type(exc).__name__}: {str(exc)[:80]})")
     return out

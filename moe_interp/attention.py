@@ -5,6 +5,8 @@ each attention module sees a copy of its config whose ``_attn_implementation`` n
 in transformers' ``AttentionInterface``. The wrapper calls the original function with the unchanged
 arguments (so outputs are bit-identical) and, from the same post-RoPE queries and keys and the same mask,
 computes attention probabilities for the recorded query rows (all, or only those asked for) in float32.
+Where the kernel is eager and every row is wanted, the probabilities eager returns are recorded instead
+(it has just computed them; a model loaded with ``attn_implementation="eager"`` pays for attention once).
 """
 
 from __future__ import annotations
@@ -149,9 +151,17 @@ class AttentionRecorder:
             patch.set_attr(module, "config", configs[id(config)])
             patch.set_attr(module, _TAG, (self, number))
 
-    def record(self, layer: int, module, query, key, attention_mask, scaling, kwargs: dict) -> None:
-        """Report one layer: span masses where possible, else probabilities."""
-        fused = (
+    def takes_kernel_probs(self, query, key, attention_mask, kwargs: dict) -> bool:
+        """Whether an eager kernel's own probabilities [B, H, T, T] serve as this layer's record: all query
+        rows wanted, no fused span path, no attention sinks (GPT-OSS' eager weights include the sink)."""
+        return (
+            self.rows is None
+            and not self._fused(query, key, attention_mask, kwargs)
+            and (kwargs.get("s_aux") is None)
+        )
+
+    def _fused(self, query, key, attention_mask, kwargs: dict) -> bool:
+        return (
             self.on_spans is not None
             and self.rows is None
             and _fused_pays(query, key)
@@ -159,6 +169,10 @@ class AttentionRecorder:
             and kwargs.get("s_aux") is None
             and (kwargs.get("sliding_window") is None or attention_mask is not None)
         )
+
+    def record(self, layer: int, module, query, key, attention_mask, scaling, kwargs: dict) -> None:
+        """Report one layer: span masses where possible, else probabilities."""
+        fused = self._fused(query, key, attention_mask, kwargs)
         with torch.no_grad():
             if fused:
                 mass = attention_to_spans(query, key, attention_mask, scaling, self.span_values)
@@ -244,7 +258,11 @@ def _register_wrapper(original: str) -> str:
         tag = getattr(module, _TAG, None)
         if tag is not None:
             recorder, layer = tag
-            recorder.record(layer, module, query.detach(), key.detach(), attention_mask, scaling, kwargs)
+            weights = out[1] if original == "eager" and isinstance(out, tuple) and len(out) > 1 else None
+            if weights is not None and recorder.takes_kernel_probs(query, key, attention_mask, kwargs):
+                recorder.on_probs(layer, weights.detach())  # eager computed them: no second computation
+            else:
+                recorder.record(layer, module, query.detach(), key.detach(), attention_mask, scaling, kwargs)
         return out
 
     ALL_ATTENTION_FUNCTIONS.register(name, wrapper)

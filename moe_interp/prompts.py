@@ -15,6 +15,7 @@ Closed-book prompts (no context) keep the same question/answer framing without t
 from __future__ import annotations
 
 import string
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,8 +102,37 @@ def _adds_specials(tokenizer: Any, text: str, add_special_tokens: bool) -> bool:
     return add_special_tokens and not (bos and text.startswith(bos))
 
 
+def _trailing_specials(tokenizer: Any) -> tuple[int | None, frozenset[int]]:
+    """How many special tokens the tokenizer appends after a text's own tokens (an EOS: 1; most: 0), read
+    once per tokenizer from a probe (``None`` if the probe's tokens are not found inside its encoding), and
+    the tokenizer's special ids."""
+    try:
+        return _TRAILING[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    probe = "The capital of France is"
+    full = list(tokenizer(probe)["input_ids"])
+    core = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    found = [s for s in range(len(full) - len(core) + 1) if full[s : s + len(core)] == core]
+    count = len(full) - found[0] - len(core) if core and found else None
+    out = (count, frozenset(getattr(tokenizer, "all_special_ids", None) or ()))
+    try:
+        _TRAILING[tokenizer] = out
+    except TypeError:  # not weak-referenceable: not cached
+        pass
+    return out
+
+
+_TRAILING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _kept_length(tokenizer: Any, text: str, ids: list[int]) -> int:
     """Length of ``ids`` (encoded with special tokens) up to the end of the text's own tokens."""
+    trailing, specials = _trailing_specials(tokenizer)
+    if trailing is not None and len(ids) > trailing:
+        keep = len(ids) - trailing  # special tokens come from a fixed template around the text ...
+        if ids[keep - 1] not in specials and all(i in specials for i in ids[keep:]):
+            return keep  # ... as this encoding confirms; otherwise find the text's tokens below
     core = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     for start in range(len(ids) - len(core) + 1):
         if ids[start : start + len(core)] == core:

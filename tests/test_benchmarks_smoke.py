@@ -37,4 +37,4 @@ def test_routerlens_counting_smoke(tmp_path):
     assert result["examples"] == 16 and result["ratio"] > 0
     assert [row["examples"] for row in result["memory"]] == [12]
     row = result["memory"][0]
-    assert row["rss_samples"][0][0] == 0 and row["rss_slope_mb_per_1k"] is None
+    assert len(row["chunk_peak_growth_mb"]) == 1 and row["later_chunks_peak_growth_mb"] is None

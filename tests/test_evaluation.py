@@ -150,10 +150,12 @@ def test_format_errors(tokenizer):
 
 def test_encode_prompt_drops_trailing_eos():
     tok = make_tokenizer()
+    text = build_prompt("The Eiffel Tower is in Paris.", "Where?")
+    assert encode_prompt(tok, text)[0] == tok(text)["input_ids"]  # nothing appended: nothing dropped
+    # the template changes after the tokenizer was first seen: the cached count is checked, not trusted
     tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="$A <eos>", special_tokens=[("<eos>", tok.eos_token_id)]
     )
-    text = build_prompt("The Eiffel Tower is in Paris.", "Where?")
     assert tok(text)["input_ids"][-1] == tok.eos_token_id
     ids, offsets = encode_prompt(tok, text)
     assert ids == tok(text, add_special_tokens=False)["input_ids"] and len(offsets) == len(ids)

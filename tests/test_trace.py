@@ -122,20 +122,34 @@ def test_dense_layers_keep_model_numbering(tokenizer):
         t.layer_index(1)
 
 
-@pytest.mark.parametrize("mode", ["with-maps", "spans-only", "spans-fused"])
+@pytest.mark.parametrize("mode", ["with-maps", "spans-only", "spans-fused", "eager-kernel"])
 def test_attention_to_spans_matches_eager_maps(model_type, tokenizer, mode, monkeypatch):
-    """Span masses from the probabilities (with maps, or spans only) or from the fused kernel with span
-    indicators as values (used for large maps; forced here), against transformers' eager attention maps."""
+    """Span masses from the probabilities (with maps, or spans only), from the fused kernel with span
+    indicators as values (used for large maps; forced here), or taken from an eager kernel's own output,
+    against transformers' eager attention maps."""
     full = mode == "with-maps"
     if mode == "spans-fused":
         monkeypatch.setattr(moe_interp.attention, "FUSED_CPU_BYTES", 0)
+    recomputed = []
+    if mode == "eager-kernel":
+        own = moe_interp.attention.attention_probs
+        monkeypatch.setattr(
+            moe_interp.attention, "attention_probs", lambda *a, **k: recomputed.append(1) or own(*a, **k)
+        )
     sdpa = make_model(model_type, attn="sdpa")
     eager = make_model(model_type, attn="eager")
     answers = ["Paris", None, None]
     contexts = [CONTEXT, None, None]
     t = moe_interp.trace(
-        sdpa, PROMPTS, context=contexts, answer=answers, tokenizer=tokenizer, full_attention=full
+        eager if mode == "eager-kernel" else sdpa,
+        PROMPTS,
+        context=contexts,
+        answer=answers,
+        tokenizer=tokenizer,
+        full_attention=full,
     )
+    if mode == "eager-kernel":  # eager's own probabilities were recorded (GPT-OSS' include its sinks)
+        assert bool(recomputed) == (model_type == "gpt_oss")
     ids, mask = _padded(tokenizer, PROMPTS)
     with torch.no_grad():
         ref = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
