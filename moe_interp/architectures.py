@@ -55,6 +55,11 @@ class MoEArchitecture:
             recorded expert outputs then already include it.
         extra_routers: further routers per decoder layer, as (name, path from the decoder layer), recorded
             with the same ``router_output`` layout and ``rule`` (JetMoE's attention experts).
+        expert_weights: further modules of the MoE block (paths from it) whose parameters are per-expert
+            weights, trained with ``experts`` by CEFT (JetMoE's ``output_linear``).
+        extra_attention: further token-mixing modules of a decoder layer (paths from it) that are not
+            softmax attention, e.g. Qwen3-Next's ``linear_attn``: trained by the attention-only control,
+            never recorded as attention probabilities.
     """
 
     model_type: str
@@ -72,6 +77,8 @@ class MoEArchitecture:
     expert_fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
     weights_scale_input: bool = False
     extra_routers: tuple[tuple[str, str], ...] = ()
+    expert_weights: tuple[str, ...] = ()
+    extra_attention: tuple[str, ...] = ()
     num_experts_keys: tuple[str, ...] = ("num_local_experts", "num_experts", "n_routed_experts")
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok", "top_k", "moe_top_k")
 
@@ -130,6 +137,20 @@ class MoEArchitecture:
                 if (router := get_path(layer, path, self.model_type, missing_ok=True)) is not None
             ]
         return found
+
+    def expert_modules(self, layer: MoELayer) -> list[nn.Module]:
+        """Every module of an MoE layer holding per-expert weights: ``experts`` and ``expert_weights``."""
+        return [layer.experts, *(get_path(layer.block, p, self.model_type) for p in self.expert_weights)]
+
+    def token_mixers(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
+        """(decoder-layer number, module) for every attention module and every ``extra_attention`` one."""
+        out = list(self.attention_modules(model))
+        for number, layer in enumerate(get_path(model, self.layers, self.model_type)):
+            for path in self.extra_attention:
+                module = get_path(layer, path, self.model_type, missing_ok=True)
+                if module is not None:
+                    out.append((number, module))
+        return sorted(out, key=lambda pair: pair[0])
 
     def attention_modules(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
         """(decoder-layer number, attention module) for every decoder layer that has one."""
@@ -263,6 +284,7 @@ for _arch in (
         rule=_SOFTMAX_NORM,
         shared_expert="shared_expert",
         shared_expert_gate="shared_expert_gate",
+        extra_attention=("linear_attn",),
     ),
     MoEArchitecture(
         "deepseek_v2",
@@ -317,6 +339,7 @@ for _arch in (
         "jetmoe",
         router="router",
         experts="input_linear",  # JetMoE's experts are input_linear / output_linear with their own API
+        expert_weights=("output_linear",),
         attention="self_attention",
         router_output=("sorted_index", "token_index", "gates", "expert_size", "logits"),
         rule=_TOPK_SOFTMAX,

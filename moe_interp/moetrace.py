@@ -8,6 +8,7 @@ token belongs to and where it sits in it.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -99,9 +100,11 @@ class MoETrace:
     def __getitem__(self, i: int) -> MoETrace:
         """The trace of prompt ``i`` alone (negative indices count from the end; ``for t in trace`` works):
         every token-axis tensor sliced to its tokens, ``example`` all 0, ``next_token_logits`` [1, V]."""
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"a trace is indexed by prompt number (int), got {type(i).__name__}")
-        if not -len(self) <= i < len(self):
+        try:
+            i = operator.index(i)  # ints, numpy integers and 0-d integer tensors
+        except TypeError:
+            raise TypeError(f"a trace is indexed by prompt number (int), got {type(i).__name__}") from None
+        if isinstance(i, bool) or not -len(self) <= i < len(self):
             raise IndexError(f"prompt index {i} out of range for a trace of {len(self)} prompts")
         i %= len(self)
         sl = self.token_slice(i)
@@ -157,29 +160,36 @@ class MoETrace:
         return self.layers.index(layer)
 
     def span_mask(self, name: str) -> torch.Tensor:
-        """[N] bool: tokens inside span ``name``: a recorded span (``"context"``, ``"answer"``), ``"all"``
-        (every token), ``"last"`` (each prompt's last token); the names of
-        :func:`~moe_interp.routerlens.count_selections` work too (``"prompt"`` = all, ``"context_answer"`` =
-        the answer's occurrences inside a recorded context)."""
+        """[N] bool: tokens inside span ``name``: a recorded span (``"context"``, ``"answer"``: the answer's
+        occurrences in the context, or in the prompt where none was given), ``"all"`` (every token),
+        ``"last"`` (each prompt's last token). :func:`~moe_interp.routerlens.count_selections`'s ``"prompt"``,
+        ``"context"``, ``"context_answer"`` (answer occurrences of the prompts that have a context) and
+        ``"last"`` mean the same here; its ``"answer"`` and ``"all"`` include an answer appended after the
+        prompt, which a trace of the prompt does not have."""
         if name in ("all", "prompt"):
             return torch.ones(len(self.tokens), dtype=torch.bool)
         if name == "last":
             mask = torch.zeros(len(self.tokens), dtype=torch.bool)
             mask[[self.token_slice(i).stop - 1 for i in range(len(self))]] = True
             return mask
-        if name == "context_answer" and "context" in self.span_names:
-            name = "answer"
         valid = {"all", "prompt", "last", *self.span_names}
         if "context" in self.span_names and "answer" in self.span_names:
             valid.add("context_answer")
         if name not in valid:
             raise InputError(f"unknown span {name!r}; this trace has: {sorted(valid)}")
+        if name == "context_answer":  # answer occurrences of the prompts that have a context
+            return self.span_mask("answer") & self._prompts_with("context")
         mask = torch.zeros(len(self.tokens), dtype=torch.bool)
         for i, spans in enumerate(self.spans):
             offset = self.token_slice(i).start
             for start, end in spans.get(name, []):
                 mask[offset + start : offset + end] = True
         return mask
+
+    def _prompts_with(self, name: str) -> torch.Tensor:
+        """[N] bool: tokens of the prompts that have a span ``name``."""
+        has = torch.tensor([bool(spans.get(name)) for spans in self.spans])
+        return has[self.example]
 
     def span_labels(self) -> list[str]:
         """[N] the innermost span containing each token ("answer" inside "context"), or ""."""

@@ -32,14 +32,14 @@ def _layers(model) -> list[int]:
     return [m.number for m in get_architecture(model).moe_layers(model)]
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "dbrx", "gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("model_type", ["olmoe", "dbrx", "gpt_oss", "qwen2_moe", "jetmoe", "qwen3_next"])
 def test_trainable_counts_are_exact(model_type):
     model = make_model(model_type)
     arch = get_architecture(model)
     layers = arch.moe_layers(model)
     n_exp = arch.num_experts(model.config)
     spec = {layers[0].number: [1, 3], layers[-1].number: [0]}
-    per_expert = sum(p.numel() for p in layers[0].experts.parameters()) // n_exp
+    per_expert = sum(p.numel() for m in arch.expert_modules(layers[0]) for p in m.parameters()) // n_exp
     assert count_trainable(resolve_targets(model, ceft(spec))) == 3 * per_expert
     total = sum(p.numel() for p in model.parameters())
     assert count_trainable(resolve_targets(model, full_fine_tuning())) == total
@@ -51,14 +51,17 @@ def test_trainable_counts_are_exact(model_type):
         if p.shape[0] != n_exp
         else n_exp * 2 * (p.shape[-2] + p.shape[-1])
         for m in layers
-        for p in m.experts.parameters()
+        for module in arch.expert_modules(m)
+        for p in module.parameters()
         if p.dim() - (p.shape[0] == n_exp) == 2
     )
     assert count_trainable(resolve_targets(model, lora_all_experts(2))) == expected
-    experts = sum(p.numel() for m in layers for p in m.experts.parameters())
+    experts = sum(p.numel() for m in layers for module in arch.expert_modules(m) for p in module.parameters())
     assert count_trainable(resolve_targets(model, all_experts())) == experts
-    attn = {id(p): p.numel() for _, a in arch.attention_modules(model) for p in a.parameters()}
-    assert attn and count_trainable(resolve_targets(model, attention_only())) == sum(attn.values())
+    # every token mixer by name: attention, and linear attention where the model has it (Qwen3-Next)
+    mixers = ("self_attn.", "self_attention.", "linear_attn.", "attn.Wqkv", "attn.out_proj")
+    by_name = sum(p.numel() for n, p in model.named_parameters() if any(f".{m}" in n for m in mixers))
+    assert by_name and count_trainable(resolve_targets(model, attention_only())) == by_name
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "deepseek_v3"])
@@ -93,7 +96,7 @@ def test_random_experts_seeded_same_shape():
     assert random_experts(like, 8, seed=3, exclude=like)[0] not in ([1, 2],)
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "dbrx", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["olmoe", "dbrx", "gpt_oss", "jetmoe"])
 def test_ceft_changes_only_selected_slices(model_type, tokenizer):
     """AdamW with weight decay and momentum: still only the chosen experts' slices change."""
     model = make_model(model_type)

@@ -95,6 +95,17 @@ def test_frame_spec_and_errors():
         expert_spec(model, {1: [0]})
     with pytest.raises(InputError, match="expert id 8"):
         expert_spec(model, {0: [8]})
+    import numpy as np  # numpy / torch integers are integers; floats and bools are not
+
+    assert expert_spec(model, {np.int64(0): np.array([3, 1]), 2: torch.tensor([2])}) == {0: [1, 3], 2: [2]}
+    assert expert_spec(model, {0: np.int64(4), 2: torch.tensor(5)}) == {0: [4], 2: [5]}
+    for bad, why in (
+        ({0: 1.0}, "int or a list"),
+        ({0: [True]}, "not an integer"),
+        ({0: [1.5]}, "not an integer"),
+    ):
+        with pytest.raises(InputError, match=why):
+            expert_spec(model, bad)
     with pytest.raises(InputError, match="mixes sets"):
         expert_spec(model, pd.DataFrame({"layer": [0, 0], "expert": [1, 2], "set": ["CE", "OE"]}))
     with pytest.raises(InputError, match="top-k"):

@@ -217,6 +217,20 @@ def test_indexing_a_trace_gives_each_prompt_alone(model_type, tokenizer):
         for name, parts in one.extra_routing.items():
             torch.testing.assert_close(sub.extra_routing[name]["router_logits"], parts["router_logits"])
         assert torch.equal(sub.selection_counts(), one.selection_counts())
+    import numpy as np
+
+    assert batch[np.int64(1)].prompts == batch[torch.tensor(1)].prompts == [PROMPTS[1]]
+    # counting's span names: "context_answer" only where a prompt has a context, "last" one token each
+    assert batch.span_mask("context_answer").sum() == batch.span_mask("answer")[batch.token_slice(0)].sum()
+    assert not batch.span_mask("context_answer")[batch.token_slice(1)].any()
+    assert batch.span_mask("last").sum() == 3 and torch.equal(
+        batch.span_mask("prompt"), batch.span_mask("all")
+    )
+    mixed = moe_interp.trace(
+        model, PROMPTS[:2], context=[CONTEXT, None], answer=["Paris", "Danielle"], tokenizer=tokenizer
+    )
+    assert mixed.span_mask("answer")[mixed.token_slice(1)].any()  # in the prompt: no context given
+    assert not mixed.span_mask("context_answer")[mixed.token_slice(1)].any()
     with pytest.raises(IndexError, match="out of range for a trace of 3 prompts"):
         batch[3]
     with pytest.raises(TypeError, match="prompt number"):

@@ -39,9 +39,11 @@ from moe_interp.ceft.targets import (
     router_tuning,
 )
 from moe_interp.ceft.train import config_args, config_from, load_model
+from moe_interp.errors import InputError
 from moe_interp.routerlens.data import demo_examples, to_examples
 
 DEFAULT_CE = Path("runs/routerlens/experts_count_all.json")
+DEFAULT_LRS = "FFT=3e-4,Attention=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3"
 
 
 def _log(msg: str) -> None:
@@ -75,8 +77,36 @@ def parse_lrs(text: str) -> dict[str, float]:
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
-        out[name.strip()] = float(value)
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--lrs: {part!r} is not NAME=LR (e.g. FFT=3e-4)") from None
     return out
+
+
+def _methods(args: argparse.Namespace, ce, n_experts: int) -> list[Method]:
+    """The methods this run trains (``--methods`` selects among them; unknown names are refused)."""
+    methods: list[Method] = [
+        ceft(ce),
+        full_fine_tuning(),
+        router_tuning(),
+        *[random_experts_method(ce, n_experts, int(s)) for s in args.random_seeds.split(",") if s.strip()],
+        lora_all_experts(args.lora_rank),
+    ]
+    if args.ceft_lora:
+        methods.append(ceft(ce, lora_rank=args.lora_rank))
+    if args.controls:
+        methods += [all_experts(), attention_only()]
+    if not args.methods:
+        return methods
+    keep = {m.strip() for m in args.methods.split(",") if m.strip()}
+    unknown = sorted(keep - {m.name for m in methods})
+    if unknown:
+        raise InputError(
+            f"--methods: unknown method(s) {unknown}; this run has {[m.name for m in methods]} "
+            "(--ceft-lora and --controls add more)"
+        )
+    return [m for m in methods if m.name in keep]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -86,8 +116,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--experts", default=None, help="Router Lens experts JSON (default: see above)")
     p.add_argument(
         "--lrs",
-        default="FFT=3e-4,Attention=3e-4,RT=3e-3,LoRA8-all=3e-3,CEFT-LoRA8=3e-3",
-        help="per-method learning rates NAME=LR (others: --lr)",
+        default="",
+        help=f"per-method learning rates NAME=LR, added to the defaults {DEFAULT_LRS} (others: --lr)",
     )
     p.add_argument("--random-seeds", default="0", help="comma-separated seeds of random-expert controls")
     p.add_argument("--lora-rank", type=int, default=8)
@@ -95,7 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument(
         "--controls",
         action="store_true",
-        help="also train every expert (All-experts) and attention only (Attention, at FFT's lr)",
+        help="also train every expert (All-experts) and attention only (Attention; default lr 3e-4 as FFT)",
     )
     p.add_argument("--methods", default=None, help="comma-separated subset of method names")
     p.add_argument("--test-limit", type=int, default=None)
@@ -114,24 +144,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     n_experts = get_architecture(model).num_experts(model.config)
     train_ex, dev_ex = demo_examples("conflict_tune"), demo_examples("conflict_dev")
+    lrs = {**parse_lrs(DEFAULT_LRS), **parse_lrs(args.lrs)}
+    _methods(args, {}, n_experts)  # names checked before any training
     ce, ce_source = find_ce(args, model, tok, train_ex, dev_ex, out)
     _log(f"CE from {ce_source}: {ce}")
-
-    lrs = parse_lrs(args.lrs)
-    methods: list[Method] = [
-        ceft(ce),
-        full_fine_tuning(),
-        router_tuning(),
-        *[random_experts_method(ce, n_experts, int(s)) for s in args.random_seeds.split(",") if s.strip()],
-        lora_all_experts(args.lora_rank),
-    ]
-    if args.ceft_lora:
-        methods.append(ceft(ce, lora_rank=args.lora_rank))
-    if args.controls:
-        methods += [all_experts(), attention_only()]
-    if args.methods:
-        keep = {m.strip() for m in args.methods.split(",")}
-        methods = [m for m in methods if m.name in keep]
+    methods = _methods(args, ce, n_experts)
     cfg = config_from(args)
     results: dict[str, CEFTResult | None] = {"Base": None}
     for m in methods:

@@ -183,13 +183,15 @@ def router_tuning(name: str = "RT", **kw: Any) -> Method:
 
 
 def all_experts(name: str = "All-experts", **kw: Any) -> Method:
-    """Every expert of every MoE layer (dense deltas): the most any expert-only method can train."""
+    """Every routed expert of every MoE layer (dense deltas): the most that training chosen experts can
+    train (shared experts, which are never chosen, are not included)."""
     return Method(name, "experts", None, **kw)
 
 
 def attention_only(name: str = "Attention", **kw: Any) -> Method:
-    """Every attention module's parameters (no experts, routers, norms or embeddings): a control that shows
-    whether the model's context-vs-memory choice is movable without its experts."""
+    """Every attention module's parameters, linear-attention layers included (no experts, routers, norms
+    or embeddings): a control that shows whether the model's context-vs-memory choice is movable without
+    its experts."""
     return Method(name, "attention", **kw)
 
 
@@ -253,7 +255,7 @@ def resolve_targets(model: nn.Module, method: Method) -> list[DeltaTarget]:
     arch = get_architecture(model)
     if method.kind == "attention":
         names = {id(p): n for n, p in params.items()}
-        owned = [names[id(p)] for _, attn in arch.attention_modules(model) for p in attn.parameters()]
+        owned = [names[id(p)] for _, attn in arch.token_mixers(model) for p in attn.parameters()]
         if not owned:
             raise InputError(f"method {method.name!r}: no attention parameters found in {arch.model_type}")
         return [DeltaTarget(n, tuple(params[n].shape)) for n in dict.fromkeys(owned)]
@@ -266,7 +268,8 @@ def resolve_targets(model: nn.Module, method: Method) -> list[DeltaTarget]:
     names = {id(p): n for n, p in params.items()}
     out = []
     for number, ids in spec.items():
-        for _, p in layers[number].experts.named_parameters():
+        expert_params = [p for m in arch.expert_modules(layers[number]) for p in m.parameters()]
+        for p in expert_params:
             full = names[id(p)]
             if p.shape[0] % n_experts:
                 raise InputError(

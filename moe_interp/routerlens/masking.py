@@ -24,6 +24,7 @@ masked. On exit (also on exceptions) every hook is removed; parameters and buffe
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -77,21 +78,45 @@ def expert_spec(model: nn.Module, experts: Mapping[int, Any] | Any) -> ExpertSpe
     if not isinstance(experts, Mapping):
         raise InputError(f"experts must be a dict {{layer: [expert, ...]}} or a frame, got {type(experts)}")
     spec: ExpertSpec = {}
-    for layer, ids in experts.items():
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise InputError(f"layer key {layer!r} is not an int (use the model's decoder-layer numbers)")
+    for key, ids in experts.items():
+        layer = _integer(key)
+        if layer is None:
+            raise InputError(f"layer key {key!r} is not an int (use the model's decoder-layer numbers)")
         if layer not in layers:
             raise InputError(
                 f"layer {layer} is not an MoE layer of this {arch.model_type} model; MoE layers: "
                 f"{sorted(layers)}"
             )
-        ids = [ids] if isinstance(ids, int) else list(ids)
+        if _integer(ids) is not None or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
+            ids = [ids]
+        elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise InputError(f"layer {layer}: experts must be an int or a list of ints, got {ids!r}")
+        chosen = []
         for e in ids:
-            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < n_experts:
-                raise InputError(f"expert id {e!r} in layer {layer} is not in [0, {n_experts})")
-        if ids:
-            spec[layer] = sorted(set(ids))
+            value = _integer(e)
+            if value is None:
+                raise InputError(f"expert id {e!r} in layer {layer} is not an integer")
+            if not 0 <= value < n_experts:
+                raise InputError(f"expert id {value} in layer {layer} is not in [0, {n_experts})")
+            chosen.append(value)
+        if chosen:
+            spec[layer] = sorted(set(chosen))
     return spec
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as a Python int if it is an integer (int, numpy or 0-d torch integer; not bool), else
+    None."""
+    if isinstance(value, bool) or isinstance(value, float):
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() or value.dtype.is_floating_point or value.dtype == torch.bool:
+            return None
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class _RouterMask:
