@@ -1,7 +1,8 @@
 """Cost of recording, side by side in one run: plain forwards, trace(), nnsight and TransformerLens.
 
-Every variant runs interleaved (one repetition of each, in a shuffled order, repeated), and the median time
-per variant is reported with its ratio to the plain forward on the same token ids. Usage::
+Every variant runs interleaved (one repetition of each, in a shuffled order, repeated); the median time per
+variant is reported, and its ratio to the plain forward on the same token ids as the median over repetitions
+of the ratio within each repetition (robust to the machine's speed drifting during the run). Usage::
 
     python benchmarks/trace_overhead.py --reps 20 --out benchmarks/results/trace_overhead.json
 
@@ -242,9 +243,9 @@ def trace_bytes(t: moe_interp.MoETrace) -> tuple[int, int]:
     return held, needed
 
 
-def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per variant, interleaved in a fresh random order each repetition (so that no variant
-    always follows the same neighbour on a shared, noisy machine)."""
+def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per variant and repetition, interleaved in a fresh random order each repetition (so that no
+    variant always follows the same neighbour on a shared, noisy machine)."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     rng = random.Random(0)
@@ -257,7 +258,14 @@ def measure(variants: dict[str, Callable[[], object]], reps: int, warmup: int = 
                 fn()
                 if rep >= warmup:
                     times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over repetitions of ``time / base time`` in the same repetition: the machine's speed drifts
+    (this shared VM ran the same forward 2x faster an hour apart), and a ratio within one repetition cancels
+    the drift that a ratio of two medians keeps."""
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,8 +292,8 @@ def main(argv: list[str] | None = None) -> None:
             batch, length = map(int, shape.split("x"))
             prompts, contexts, answers = _prompts(tok, batch, length)
             with tempfile.TemporaryDirectory() as folder:
-                med = measure(_variants(model, tok, prompts, contexts, answers, Path(folder)), args.reps)
-            base, base_keep = med["plain forward"], med[KEEP]
+                times = measure(_variants(model, tok, prompts, contexts, answers, Path(folder)), args.reps)
+            base, base_keep = times["plain forward"], times[KEEP]
             t = moe_interp.trace(model, prompts, context=contexts, answer=answers, tokenizer=tok)
             held, needed = trace_bytes(t)
             results.setdefault("memory", []).append(
@@ -301,14 +309,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{kind:12s} {shape:7s} trace holds {held / 1e6:.2f} MB for {needed / 1e6:.2f} MB of "
                 f"routing + attention-to-span data: x{held / needed:.2f}"
             )
-            for name, sec in med.items():
+            for name, secs in times.items():
                 row = dict(
                     model=kind,
                     shape=shape,
                     variant=name,
-                    ms=round(sec * 1e3, 2),
-                    ratio=round(sec / base, 3),
-                    ratio_last_token_logits=round(sec / base_keep, 3),
+                    ms=round(statistics.median(secs) * 1e3, 2),
+                    ratio=round(paired_ratio(secs, base), 3),
+                    ratio_last_token_logits=round(paired_ratio(secs, base_keep), 3),
                 )
                 results["rows"].append(row)
                 print(
