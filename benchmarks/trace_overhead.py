@@ -157,7 +157,9 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
     try:
         from nnsight import NNsight
 
-        wrapped = NNsight(model)
+        # nnsight replaces every module's forward of the model it wraps (for good): give it its own copies,
+        # so that the plain forwards and trace() run on an untouched model
+        wrapped = NNsight(copy.deepcopy(model))
 
         numbers = [m.number for m in arch.moe_layers(model)]
 
@@ -180,7 +182,7 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
 
         # the same quantities as "trace: routing + attention to spans": routers and every layer's attention
         # probabilities (eager attention returns them), reduced to span masses
-        wrapped_eager = NNsight(eager)
+        wrapped_eager = NNsight(copy.deepcopy(eager))
         attn_layers = [n for n, _ in arch.attention_modules(model)]
 
         def nnsight_spans():
