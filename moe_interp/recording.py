@@ -196,16 +196,25 @@ class AttentionSink:
         self.layers: list[int] = []
         self.spans: list[torch.Tensor] = []
         self.full: list[torch.Tensor] = []
+        self._columns: torch.Tensor | None = None
 
     def on_probs(self, layer: int, probs: torch.Tensor) -> None:
         """Take one layer's attention probabilities [B, H, T, T]."""
         probs = probs.float().cpu()  # [B, H, T, T]
         self.layers.append(layer)
         if self.span_masks.shape[1]:
-            mass = torch.einsum("bhqk,bsk->bqhs", probs, self.span_masks)
-            self.spans.append(mass[self.mask])  # [N, H, S]
+            # one bmm [B, H*T, K] @ [B, K, S]: ~3x faster than the einsum / a broadcast matmul on CPU
+            b, h, q, k = probs.shape
+            mass = torch.bmm(probs.reshape(b, h * q, k), self._span_columns(k)).reshape(b, h, q, -1)
+            self.spans.append(mass.transpose(1, 2)[self.mask])  # [N, H, S]
         if self.keep_maps:
             self.full.append(probs)
+
+    def _span_columns(self, k_len: int) -> torch.Tensor:
+        """[B, K, S] span indicators as matmul columns (built once per trace)."""
+        if self._columns is None or self._columns.shape[1] != k_len:
+            self._columns = self.span_masks[:, :, :k_len].transpose(1, 2).contiguous()
+        return self._columns
 
     @property
     def spans_only(self) -> bool:

@@ -78,7 +78,10 @@ def trace(
         raise InputError("prompt is an empty list")
     contexts = _broadcast(context, len(prompts), "context")
     answers = _broadcast(answer, len(prompts), "answer")
-    tokenized = encode_many_with_offsets(tokenizer, prompts)
+    if any(c is not None for c in contexts) or any(a is not None for a in answers):
+        tokenized = encode_many_with_offsets(tokenizer, prompts)
+    else:  # no spans to place: the same ids without computing character offsets
+        tokenized = [(list(ids), []) for ids in tokenizer(prompts)["input_ids"]]
     encoded = [
         _encode(p, c, a, *ids_offsets)
         for p, c, a, ids_offsets in zip(prompts, contexts, answers, tokenized, strict=True)
@@ -212,10 +215,12 @@ def _encode(
         char_spans["answer"] = found
     if not ids:
         raise InputError(f"prompt {_quote(prompt)} tokenizes to no tokens")
-    spans = {
-        name: [t for t in char_to_token_spans(offsets, spans) if t is not None]
-        for name, spans in char_spans.items()
-    }
+    flat = [(name, span) for name, spans in char_spans.items() for span in spans]
+    token_spans = char_to_token_spans(offsets, [span for _, span in flat]) if flat else []
+    spans: dict[str, list[Span]] = {name: [] for name in char_spans}
+    for (name, _), t in zip(flat, token_spans, strict=True):  # one offsets conversion for all spans
+        if t is not None:
+            spans[name].append(t)
     return _Encoded(ids, spans)
 
 

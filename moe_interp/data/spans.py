@@ -10,6 +10,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, Protocol
 
+import numpy as np
+
 from moe_interp.errors import InputError
 
 CharSpan = tuple[int, int]
@@ -70,23 +72,21 @@ def find_answer_spans(
     return sorted(spans)
 
 
-def _as_pairs(offsets: Any) -> list[tuple[int, int]]:
-    if hasattr(offsets, "tolist"):  # torch / numpy
-        offsets = offsets.tolist()
-    pairs = []
-    for i, pair in enumerate(offsets):
-        if (
-            not isinstance(pair, (list, tuple))
-            or len(pair) != 2
-            or not isinstance(pair[0], int)
-            or not isinstance(pair[1], int)
-        ):
-            raise InputError(
-                f"offsets[{i}] = {pair!r} is not a (start, end) pair; pass the offsets of ONE sequence "
-                "(e.g. enc['offset_mapping'][0])"
-            )
-        pairs.append((pair[0], pair[1]))
-    return pairs
+def _as_array(offsets: Any) -> np.ndarray:
+    """``offsets`` (a list of (start, end) pairs, or a [T, 2] tensor / array) as a [T, 2] int64 array."""
+    if hasattr(offsets, "detach"):  # torch
+        offsets = offsets.detach().cpu().numpy()
+    try:  # numpy infers an integer dtype only if every entry is an int (floats, strings: refused below)
+        array = np.asarray(offsets) if len(offsets) else np.zeros((0, 2), dtype=np.int64)
+    except (TypeError, ValueError):
+        array = None
+    if array is None or array.ndim != 2 or array.shape[-1] != 2 or not np.issubdtype(array.dtype, np.integer):
+        shown = offsets if array is None else f"of shape {tuple(array.shape)} and dtype {array.dtype}"
+        raise InputError(
+            f"offsets {str(shown)[:80]} are not (start, end) pairs; pass the offsets of ONE sequence "
+            "(e.g. enc['offset_mapping'][0])"
+        )
+    return array.astype(np.int64, copy=False)
 
 
 def char_to_token_spans(
@@ -107,15 +107,22 @@ def char_to_token_spans(
             :func:`offsets_from_decoding`.
         char_spans: Non-empty half-open character spans.
     """
-    pairs = _as_pairs(offsets)
-    result: list[TokenSpan | None] = []
-    for span in char_spans:
+    spans = list(char_spans)
+    for span in spans:
         start, end = span
         if not 0 <= start < end:
             raise InputError(f"invalid character span {span!r}: need 0 <= start < end")
-        hits = [i for i, (s, e) in enumerate(pairs) if s < end and start < e and s < e]
-        result.append((hits[0], hits[-1] + 1) if hits else None)
-    return result
+    pairs = _as_array(offsets)
+    if not spans:
+        return []
+    tok_start, tok_end = pairs[:, 0], pairs[:, 1]  # [T]
+    bounds = np.asarray(spans, dtype=np.int64)  # [S, 2]
+    # [S, T]: token t overlaps span s (one vectorised test instead of a Python scan per span)
+    hit = (tok_start[None] < bounds[:, 1:]) & (bounds[:, :1] < tok_end[None]) & (tok_start < tok_end)[None]
+    any_hit = hit.any(1).tolist()
+    first = hit.argmax(1).tolist()
+    last = (hit.shape[1] - 1 - hit[:, ::-1].argmax(1)).tolist()
+    return [(f, e + 1) if h else None for h, f, e in zip(any_hit, first, last, strict=True)]
 
 
 class _Decoder(Protocol):
