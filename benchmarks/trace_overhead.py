@@ -270,12 +270,50 @@ def paired_ratio(times: list[float], base: list[float]) -> float:
     return statistics.median(t / b for t, b in zip(times, base, strict=True))
 
 
+#: (trace variant, peer variant): each compared within the same repetitions (same quantities recorded)
+COMPARISONS = (
+    ("trace: routing", NNSIGHT_TEXT),
+    ("trace: routing", "TransformerLens: run_with_cache (MoE hooks)"),
+    (TRACE_EAGER, NNSIGHT_SPANS),
+    (TRACE_EAGER, LENS_SPANS),
+    ("trace: routing + attention to spans", NNSIGHT_SPANS),
+    ("trace: routing + attention to spans", LENS_SPANS),
+)
+
+
+def paired_interval(times: list[float], base: list[float], draws: int = 2000) -> tuple[float, float, float]:
+    """Median of the per-repetition ratios ``time / base`` and its 95% bootstrap interval (resampling
+    repetitions, seeded): an interval below 1 says "cheaper" with this machine's noise taken into account."""
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    return statistics.median(ratios), medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
+
+
+def _reps_for(variants: dict[str, Callable[[], object]], reps: int, min_seconds: float, cap: int) -> int:
+    """At least ``reps``, more for fast cells: enough that the plain forward alone runs ``min_seconds``."""
+    fn = variants["plain forward"]
+    with torch.no_grad():
+        fn()
+        start = time.perf_counter()
+        fn()
+        once = time.perf_counter() - start
+    return max(reps, min(cap, int(min_seconds / max(once, 1e-6))))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--models", default="demo,olmoe,deepseek_v3")
     parser.add_argument("--shapes", default="1x64,8x256")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=0.0,
+        help="raise the repetitions of fast cells until the plain forward alone takes this long (capped)",
+    )
+    parser.add_argument("--max-reps", type=int, default=300, help="cap for --min-seconds")
     parser.add_argument("--out", default="benchmarks/results/trace_overhead.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -294,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
             batch, length = map(int, shape.split("x"))
             prompts, contexts, answers = _prompts(tok, batch, length)
             with tempfile.TemporaryDirectory() as folder:
-                times = measure(_variants(model, tok, prompts, contexts, answers, Path(folder)), args.reps)
+                variants = _variants(model, tok, prompts, contexts, answers, Path(folder))
+                reps = _reps_for(variants, args.reps, args.min_seconds, args.max_reps)
+                times = measure(variants, reps)
             base, base_keep = times["plain forward"], times[KEEP]
             t = moe_interp.trace(model, prompts, context=contexts, answer=answers, tokenizer=tok)
             held, needed = trace_bytes(t)
@@ -315,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = dict(
                     model=kind,
                     shape=shape,
+                    reps=reps,
                     variant=name,
                     ms=round(statistics.median(secs) * 1e3, 2),
                     ratio=round(paired_ratio(secs, base), 3),
@@ -324,6 +365,27 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"{kind:12s} {shape:7s} {name:62s} {row['ms']:9.2f} ms  x{row['ratio']:.2f}"
                     f"  x{row['ratio_last_token_logits']:.2f}",
+                    flush=True,
+                )
+            for mine, peer in COMPARISONS:
+                if mine not in times or peer not in times:
+                    continue
+                median, low, high = paired_interval(times[mine], times[peer])
+                verdict = "cheaper" if high < 1 else ("dearer" if low > 1 else "equal within noise")
+                results.setdefault("comparisons", []).append(
+                    dict(
+                        model=kind,
+                        shape=shape,
+                        reps=reps,
+                        trace=mine,
+                        peer=peer,
+                        ratio=round(median, 3),
+                        ci95=[round(low, 3), round(high, 3)],
+                        verdict=verdict,
+                    )
+                )
+                print(
+                    f"{kind:12s} {shape:7s} {mine} / {peer}: x{median:.3f} [{low:.3f}, {high:.3f}] {verdict}",
                     flush=True,
                 )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
