@@ -48,6 +48,7 @@ NNSIGHT_KEEP = "nnsight: save every router output, last-token logits"
 NNSIGHT_TEXT = "nnsight from prompts: tokenise, save routers, last-token logits"
 TRACE_EAGER = "trace: routing + attention to spans, eager-attention copy"
 NNSIGHT_SPANS = "nnsight: routers + eager attention maps -> span masses"
+NNSIGHT_SPANS_TEXT = "nnsight from prompts: locate spans, routers + eager attention maps -> span masses"
 LENS_SPANS = "TransformerLens: run_with_cache (MoE hooks + patterns) -> span masses"
 WORDS = "the model reads the context and the answer is in the passage about Paris France river city".split()
 
@@ -128,7 +129,7 @@ def _span_indicators(model, tok, prompts, contexts, answers, width: int) -> torc
 
 
 def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str, Callable[[], object]]:
-    enc = tok(prompts, padding=True, return_tensors="pt")
+    enc = tok(prompts, padding=True, padding_side="right", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     spans = _span_indicators(model, tok, prompts, contexts, answers, ids.shape[1])
     # the logits trace() returns: one row per prompt's last token (right padding)
@@ -172,7 +173,7 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
 
         def nnsight_from_text():
             """What ``trace`` does from the prompts: tokenise, then the same last-token logits."""
-            enc = tok(prompts, padding=True, return_tensors="pt")
+            enc = tok(prompts, padding=True, padding_side="right", return_tensors="pt")
             last = torch.unique(enc["attention_mask"].sum(1) - 1)
             return nnsight_routers(enc["input_ids"], enc["attention_mask"], logits_to_keep=last)
 
@@ -185,20 +186,38 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
         wrapped_eager = NNsight(copy.deepcopy(eager))
         attn_layers = [n for n, _ in arch.attention_modules(model)]
 
-        def nnsight_spans():
+        def nnsight_spans(input_ids=ids, attention_mask=mask, kept=keep, indicators=spans):
             routers, maps = [], []
             layers = wrapped_eager.model.layers
             with wrapped_eager.trace(
-                input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=kept
             ):
                 for number in sorted(set(attn_layers) | set(numbers)):  # nnsight: in execution order
                     if number in attn_layers:
                         maps.append(layers[number].self_attn.output[1].save())
                     if number in numbers:
                         routers.append(layers[number].mlp.gate.output.save())
-            return routers, [torch.einsum("bhqk,bsk->bqhs", w.float(), spans) for w in maps]
+            return routers, [torch.einsum("bhqk,bsk->bqhs", w.float(), indicators) for w in maps]
+
+        def nnsight_spans_from_text():
+            """What ``trace`` does from the prompts: tokenise with offsets, find each context and answer,
+            mark their tokens, then the same recording as ``nnsight_spans``."""
+            enc = tok(
+                prompts, padding=True, padding_side="right", return_tensors="pt", return_offsets_mapping=True
+            )
+            offsets = enc["offset_mapping"]
+            marks = torch.zeros(len(prompts), 2, offsets.shape[1])
+            for b, (prompt, context, answer) in enumerate(zip(prompts, contexts, answers, strict=True)):
+                start = prompt.find(context)
+                found = prompt.find(answer, start)
+                for s, (lo, hi) in enumerate(((start, start + len(context)), (found, found + len(answer)))):
+                    inside = (offsets[b, :, 0] < hi) & (offsets[b, :, 1] > lo)
+                    marks[b, s] = (inside & enc["attention_mask"][b].bool()).float()
+            last = torch.unique(enc["attention_mask"].sum(1) - 1)
+            return nnsight_spans(enc["input_ids"], enc["attention_mask"], last, marks)
 
         out[NNSIGHT_SPANS] = nnsight_spans
+        out[NNSIGHT_SPANS_TEXT] = nnsight_spans_from_text
     except ImportError:
         pass
     try:
@@ -275,8 +294,10 @@ COMPARISONS = (
     ("trace: routing", NNSIGHT_TEXT),
     ("trace: routing", "TransformerLens: run_with_cache (MoE hooks)"),
     (TRACE_EAGER, NNSIGHT_SPANS),
+    (TRACE_EAGER, NNSIGHT_SPANS_TEXT),
     (TRACE_EAGER, LENS_SPANS),
     ("trace: routing + attention to spans", NNSIGHT_SPANS),
+    ("trace: routing + attention to spans", NNSIGHT_SPANS_TEXT),
     ("trace: routing + attention to spans", LENS_SPANS),
 )
 

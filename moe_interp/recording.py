@@ -197,6 +197,14 @@ class AttentionSink:
         self.spans: list[torch.Tensor] = []
         self.full: list[torch.Tensor] = []
         self._columns: torch.Tensor | None = None
+        self._no_padding = bool(mask.all())
+
+    def _tokens(self, per_position: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]: the non-padding positions, in order (a reshape when there is no padding;
+        boolean indexing costs more than the whole reduction for one short prompt)."""
+        if self._no_padding:
+            return per_position.reshape(-1, *per_position.shape[2:])
+        return per_position[self.mask]
 
     def on_probs(self, layer: int, probs: torch.Tensor) -> None:
         """Take one layer's attention probabilities [B, H, T, T]."""
@@ -206,7 +214,7 @@ class AttentionSink:
             # one bmm [B, H*T, K] @ [B, K, S]: ~3x faster than the einsum / a broadcast matmul on CPU
             b, h, q, k = probs.shape
             mass = torch.bmm(probs.reshape(b, h * q, k), self._span_columns(k)).reshape(b, h, q, -1)
-            self.spans.append(mass.transpose(1, 2)[self.mask])  # [N, H, S]
+            self.spans.append(self._tokens(mass.transpose(1, 2)))  # [N, H, S]
         if self.keep_maps:
             self.full.append(probs)
 
@@ -224,7 +232,7 @@ class AttentionSink:
     def on_spans(self, layer: int, mass: torch.Tensor) -> None:
         """Take one layer's attention mass per span [B, H, T, S]."""
         self.layers.append(layer)
-        self.spans.append(mass.float().cpu().transpose(1, 2)[self.mask])  # [N, H, S]
+        self.spans.append(self._tokens(mass.float().cpu().transpose(1, 2)))  # [N, H, S]
 
     def check(self, expected: list[int]) -> None:
         """Raise if some attention layers never reported (their module bypassed the attention interface)."""

@@ -68,6 +68,24 @@ MODEL_KW = dict(
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
 
+def local_first_layer_kw(model_kw: dict, window: int) -> dict:
+    """Qwen2-MoE settings with the demo's sizes whose first layer is a sliding-window layer of ``window``
+    tokens: the same experts, top-k, heads and widths, a minimal (16-wide) shared expert, no qkv bias."""
+    kw = dict(model_kw)
+    layers = kw["num_hidden_layers"]
+    kw.update(
+        moe_intermediate_size=kw["intermediate_size"],
+        shared_expert_intermediate_size=16,
+        norm_topk_prob=False,
+        qkv_bias=False,
+        use_sliding_window=True,
+        sliding_window=window,
+        max_window_layers=layers,
+        layer_types=["sliding_attention"] + ["full_attention"] * (layers - 1),
+    )
+    return kw
+
+
 # ----------------------------------------------------------------------------- tokenizer
 def _strings(obj: object) -> Iterator[str]:
     if isinstance(obj, str):
@@ -388,11 +406,20 @@ def main(argv: list[str] | None = None) -> None:
         "that facts cannot be stored in a direct embedding-to-unembedding path and must live in the "
         "experts (0 = off)",
     )
+    ap.add_argument(
+        "--first-window",
+        type=int,
+        default=0,
+        metavar="W",
+        help="train a Qwen2-MoE-shaped model whose first layer attends only to the last W tokens (sliding "
+        "window; the other layers see everything), so that reading the context must happen in layers whose "
+        "queries the earlier experts shape (0 = the OLMoE demo)",
+    )
     args = ap.parse_args(argv)
 
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
-    from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast, Qwen2MoeConfig
 
     torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -409,15 +436,14 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     model_kw = dict(MODEL_KW, tie_word_embeddings=bool(args.frozen_embeddings))
-    config = OlmoeConfig(
-        vocab_size=len(tok),
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        **model_kw,
-    )
+    ids_kw = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if args.first_window:
+        model_kw = local_first_layer_kw(model_kw, args.first_window)
+        config = Qwen2MoeConfig(bos_token_id=None, **ids_kw, **model_kw)
+    else:
+        config = OlmoeConfig(bos_token_id=None, **ids_kw, **model_kw)
     config._attn_implementation = "sdpa"
-    model = OlmoeForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     if args.frozen_embeddings:
         emb = model.get_input_embeddings().weight
         with torch.no_grad():
@@ -540,6 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         "tokens_per_batch": TOKENS_PER_BATCH,
         "n_params": n_params,
         "frozen_embeddings": args.frozen_embeddings,
+        "first_window": args.first_window,
         "model": model_kw,
         "log": log,
     }
