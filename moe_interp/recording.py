@@ -187,6 +187,22 @@ def _forward_of(module):
     return forward
 
 
+#: from this many keys on, span masses are sums over each span's own key columns (B x S small ops that read
+#: only those columns: 2.5-6x faster than one bmm at 256 keys); below it, one bmm (fewer, cheaper calls)
+SLICED_FROM_KEYS = 128
+
+
+def _span_columns_per_prompt(span_masks: torch.Tensor) -> list[tuple[int, int, slice | torch.Tensor]]:
+    """(prompt, span, columns) for every non-empty span of ``span_masks`` [B, S, T]: a slice where the span
+    is one run of tokens, else the index tensor of its tokens."""
+    plan = []
+    for b, s in (span_masks.sum(-1) > 0).nonzero().tolist():
+        where = span_masks[b, s].nonzero().squeeze(-1)
+        lo, hi = int(where[0]), int(where[-1]) + 1
+        plan.append((b, s, slice(lo, hi) if hi - lo == len(where) else where))
+    return plan
+
+
 class AttentionSink:
     """Turns per-layer attention probabilities into span masses (and full maps when asked)."""
 
@@ -198,6 +214,7 @@ class AttentionSink:
         self.full: list[torch.Tensor] = []
         self._columns: torch.Tensor | None = None
         self._no_padding = bool(mask.all())
+        self._plan = _span_columns_per_prompt(span_masks)
 
     def _tokens(self, per_position: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]: the non-padding positions, in order (a reshape when there is no padding;
@@ -211,9 +228,18 @@ class AttentionSink:
         probs = probs.float().cpu()  # [B, H, T, T]
         self.layers.append(layer)
         if self.span_masks.shape[1]:
-            # one bmm [B, H*T, K] @ [B, K, S]: ~3x faster than the einsum / a broadcast matmul on CPU
             b, h, q, k = probs.shape
-            mass = torch.bmm(probs.reshape(b, h * q, k), self._span_columns(k)).reshape(b, h, q, -1)
+            if k >= SLICED_FROM_KEYS and k == self.span_masks.shape[-1]:
+                mass = probs.new_zeros(b, h, q, self.span_masks.shape[1])
+                for row, span, columns in self._plan:
+                    keys = (
+                        probs[row, :, :, columns]
+                        if isinstance(columns, slice)
+                        else probs[row].index_select(-1, columns)
+                    )
+                    mass[row, :, :, span] = keys.sum(-1)
+            else:  # one bmm [B, H*T, K] @ [B, K, S]: ~3x faster than the einsum on CPU
+                mass = torch.bmm(probs.reshape(b, h * q, k), self._span_columns(k)).reshape(b, h, q, -1)
             self.spans.append(self._tokens(mass.transpose(1, 2)))  # [N, H, S]
         if self.keep_maps:
             self.full.append(probs)

@@ -122,14 +122,17 @@ def test_dense_layers_keep_model_numbering(tokenizer):
         t.layer_index(1)
 
 
-@pytest.mark.parametrize("mode", ["with-maps", "spans-only", "spans-fused", "eager-kernel"])
+@pytest.mark.parametrize("mode", ["with-maps", "spans-only", "spans-sliced", "spans-fused", "eager-kernel"])
 def test_attention_to_spans_matches_eager_maps(model_type, tokenizer, mode, monkeypatch):
-    """Span masses from the probabilities (with maps, or spans only), from the fused kernel with span
-    indicators as values (used for large maps; forced here), or taken from an eager kernel's own output,
-    against transformers' eager attention maps."""
+    """Span masses from the probabilities (with maps, or spans only, by one bmm or by sums over each span's
+    key columns, used for long prompts; forced here), from the fused kernel with span indicators as values
+    (used for large maps; forced here), or taken from an eager kernel's own output, against transformers'
+    eager attention maps."""
     full = mode == "with-maps"
     if mode == "spans-fused":
         monkeypatch.setattr(moe_interp.attention, "FUSED_CPU_BYTES", 0)
+    if mode == "spans-sliced":
+        monkeypatch.setattr(moe_interp.recording, "SLICED_FROM_KEYS", 0)
     recomputed = []
     if mode == "eager-kernel":
         own = moe_interp.attention.attention_probs
