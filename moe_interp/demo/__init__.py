@@ -1,4 +1,4 @@
-"""Embedded demo model: a small OLMoE trained from scratch on CounterFact facts.
+"""Embedded demo model: a small MoE causal LM trained from scratch on CounterFact facts.
 
 ``load_demo()`` returns the shipped model (float32, eval mode) and its tokenizer, offline, from
 ``moe_interp/demo/weights/``. ``load_split(name)`` reads the committed data splits (see
@@ -13,21 +13,21 @@ from typing import TYPE_CHECKING
 from moe_interp.demo.splits import SPLIT_NAMES, load_split
 
 if TYPE_CHECKING:
-    from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 
-def load_demo() -> tuple[OlmoeForCausalLM, PreTrainedTokenizerFast]:
+def load_demo() -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load the demo model (float32, eval mode) and tokenizer from the package folder, offline."""
     import torch
-    from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     if not (WEIGHTS_DIR / "model.safetensors").exists():
         raise FileNotFoundError(
             f"demo weights missing in {WEIGHTS_DIR}; train them with python -m moe_interp.demo.train"
         )
-    model = OlmoeForCausalLM.from_pretrained(WEIGHTS_DIR, dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(WEIGHTS_DIR, dtype=torch.float32, local_files_only=True)
     model.eval()
     tok = PreTrainedTokenizerFast.from_pretrained(WEIGHTS_DIR, local_files_only=True)
     return model, tok
