@@ -20,19 +20,14 @@ from safetensors.torch import load_file
 
 from moe_interp.architectures import get_architecture
 from moe_interp.demo import splits as S
-from moe_interp.demo.train import MODEL_KW, export, local_first_layer_kw, quick_eval
+from moe_interp.demo.train import MODEL_KW, demo_config, export, quick_eval
 
 
 def build(run: Path, step: int | None, first_window: int):
-    from transformers import AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast, Qwen2MoeConfig
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(run / "tokenizer")
-    ids_kw = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if first_window:
-        config = Qwen2MoeConfig(bos_token_id=None, **ids_kw, **local_first_layer_kw(dict(MODEL_KW), first_window))
-    else:
-        config = OlmoeConfig(bos_token_id=None, **ids_kw, **MODEL_KW)
-    config._attn_implementation = "sdpa"
+    config, _ = demo_config(tok, dict(MODEL_KW), first_window)
     model = AutoModelForCausalLM.from_config(config)
     path = run / "snapshots" / f"step{step:05d}.safetensors" if step else run / "ckpt" / "model.safetensors"
     model.load_state_dict(load_file(str(path)))
@@ -58,7 +53,9 @@ def ablations(model, tok, splits) -> list[dict]:
                 res = quick_eval(model, tok, splits)
             finally:
                 handle.remove()
-            rows.append({"layer": layer.number, "zeroed": part, "pc_dev": res["pc_dev"], "po_dev": res["po_dev"]})
+            rows.append(
+                {"layer": layer.number, "zeroed": part, "pc_dev": res["pc_dev"], "po_dev": res["po_dev"]}
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -214,7 +214,7 @@ class AttentionSink:
         self.full: list[torch.Tensor] = []
         self._columns: torch.Tensor | None = None
         self._no_padding = bool(mask.all())
-        self._plan = _span_columns_per_prompt(span_masks)
+        self._plan: list[tuple[int, int, slice | torch.Tensor]] | None = None  # built on first use
 
     def _tokens(self, per_position: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]: the non-padding positions, in order (a reshape when there is no padding;
@@ -231,6 +231,8 @@ class AttentionSink:
             b, h, q, k = probs.shape
             if k >= SLICED_FROM_KEYS and k == self.span_masks.shape[-1]:
                 mass = probs.new_zeros(b, h, q, self.span_masks.shape[1])
+                if self._plan is None:
+                    self._plan = _span_columns_per_prompt(self.span_masks)
                 for row, span, columns in self._plan:
                     keys = (
                         probs[row, :, :, columns]

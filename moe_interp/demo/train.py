@@ -86,6 +86,21 @@ def local_first_layer_kw(model_kw: dict, window: int) -> dict:
     return kw
 
 
+def demo_config(tok, model_kw: dict, first_window: int = 0):
+    """The demo's transformers config for ``tok`` (sdpa attention) and the model settings it was built from:
+    OLMoE, or with ``first_window`` the Qwen2-MoE model of :func:`local_first_layer_kw`."""
+    from transformers import OlmoeConfig, Qwen2MoeConfig
+
+    ids_kw = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if first_window:
+        model_kw = local_first_layer_kw(model_kw, first_window)
+        config = Qwen2MoeConfig(bos_token_id=None, **ids_kw, **model_kw)
+    else:
+        config = OlmoeConfig(bos_token_id=None, **ids_kw, **model_kw)
+    config._attn_implementation = "sdpa"
+    return config, model_kw
+
+
 # ----------------------------------------------------------------------------- tokenizer
 def _strings(obj: object) -> Iterator[str]:
     if isinstance(obj, str):
@@ -419,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from safetensors.torch import load_file, save_file
     from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, OlmoeConfig, PreTrainedTokenizerFast, Qwen2MoeConfig
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     torch.set_num_threads(args.threads)
     out: Path = args.out
@@ -436,13 +451,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     model_kw = dict(MODEL_KW, tie_word_embeddings=bool(args.frozen_embeddings))
-    ids_kw = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if args.first_window:
-        model_kw = local_first_layer_kw(model_kw, args.first_window)
-        config = Qwen2MoeConfig(bos_token_id=None, **ids_kw, **model_kw)
-    else:
-        config = OlmoeConfig(bos_token_id=None, **ids_kw, **model_kw)
-    config._attn_implementation = "sdpa"
+    config, model_kw = demo_config(tok, model_kw, args.first_window)
     model = AutoModelForCausalLM.from_config(config)
     if args.frozen_embeddings:
         emb = model.get_input_embeddings().weight
