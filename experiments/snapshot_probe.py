@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from moe_interp.architectures import get_architecture
 from moe_interp.demo import splits as S
-from moe_interp.demo.train import MODEL_KW, demo_config, export, quick_eval
+from moe_interp.demo.train import FIRST_WINDOW, MODEL_KW, demo_config, export, quick_eval
 
 
 def build(run: Path, step: int | None, first_window: int):
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a demo.train --out folder")
     ap.add_argument("--step", type=int, default=None, help="snapshot step (default: the latest checkpoint)")
-    ap.add_argument("--first-window", type=int, default=0, help="the run's --first-window")
+    ap.add_argument("--first-window", type=int, default=FIRST_WINDOW, help="the run's --first-window")
     ap.add_argument("--export", type=Path, default=None, help="save the snapshot as a model folder here")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--threads", type=int, default=1)

@@ -73,7 +73,8 @@ def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figur
     fig = plot_selection_heatmap(
         counts["all"],
         layers=first_traced.layers,
-        title=f"Demo OLMoE: expert selection share over prompt tokens ({len(records)} conflict-test prompts)",
+        title=f"Demo model ({first_traced.model_type}): expert selection share over prompt tokens "
+        f"({len(records)} conflict-test prompts)",
     )
     written = save_figure(fig, out / "demo_routing_heatmap")
     written += save_figure(first_traced.plot_routing(example), out / "demo_token_routing")
@@ -81,7 +82,8 @@ def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figur
     share = counts["all"].float() / counts["all"].sum(1, keepdim=True)
     lines = [
         "moe_interp demo job",
-        f"model: demo OLMoE, {len(first_traced.layers)} MoE layers x {first_traced.num_experts} experts, "
+        f"model: demo ({first_traced.model_type}), {len(first_traced.layers)} MoE layers x "
+        f"{first_traced.num_experts} experts, "
         f"top-{first_traced.top_k}",
         f"examples: {len(records)} from split conflict_test (context contradicts the memorised object)",
         f"prompt tokens traced (padding excluded): {int(counts['all'][0].sum()) // first_traced.top_k}",

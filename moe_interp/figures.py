@@ -612,6 +612,9 @@ FAST = {
     "analysis": ["--limit", "32", "--attr-limit", "16"],
     "ceft": ["--epochs", "1", "--test-limit", "40", "--memorised-limit", "40", "--eval-batch-size", "40"],
 }
+# the full CEFT run: the paper's CE count (the model's top-k) and two larger budgets, each with a random
+# control of the same size, plus the every-expert and attention-only controls
+FULL_CEFT = ["--controls", "--ce-per-layer", "2,4,6"]
 DONE = {"routerlens": "compare_count_all/summary.csv", "analysis": "summary.json", "ceft": "table.csv"}
 
 
@@ -668,7 +671,7 @@ def ensure_pipelines(runs: Path, *, fast: bool, threads: int = 1) -> dict[str, P
                 "--experts",
                 str(rl / "experts_count_all.json"),
                 *thr,
-                *(FAST["ceft"] if fast else ["--controls"]),
+                *(FAST["ceft"] if fast else FULL_CEFT),
             ]
         )
     return {"routerlens": rl, "analysis": an, "ceft": ce}

@@ -17,9 +17,9 @@ QUICKSTART = [
         "# Quick start: tracing an MoE model\n\n"
         "`moe_interp.trace(model, prompt)` runs one forward pass and records what every MoE layer did: the "
         "router logits, the experts chosen and the weights applied, and how much attention each token pays to "
-        "the context and to the answer inside it. This notebook uses the embedded demo model (a small OLMoE "
-        "trained on CounterFact facts) on a *conflict* example: the context states a counterfactual object, "
-        "the model memorised the true one."
+        "the context and to the answer inside it. This notebook uses the embedded demo model (a small "
+        "Qwen2-MoE-shaped model trained on CounterFact facts, whose layer 0 sees only the last 8 tokens) on "
+        "a *conflict* example: the context states a counterfactual object, the model memorised the true one."
     ),
     new_code_cell(
         "import torch\n\n"
@@ -283,7 +283,7 @@ CEFT = [
     ),
     new_code_cell(
         "config = CEFTConfig(epochs=1, batch_size=8)\n"
-        "methods = [ceft(ce, lr=1e-3), full_fine_tuning(lr=3e-4), router_tuning(lr=3e-3)]\n"
+        "methods = [ceft(ce, lr=3e-3), full_fine_tuning(lr=3e-4), router_tuning(lr=3e-3)]\n"
         "results = {'Base': None}\n"
         "for method in methods:\n"
         "    results[method.name] = train(model, tok, train_ex, dev_ex, method=method, config=config,\n"
@@ -320,6 +320,8 @@ def main() -> None:
             cells=cells,
             metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
         )
+        for i, cell in enumerate(nb.cells):  # stable ids: regenerating changes only what was edited
+            cell.id = f"{Path(name).stem[:2]}-{i:02d}"
         nbformat.write(nb, HERE / name)
         print("wrote", HERE / name)
 

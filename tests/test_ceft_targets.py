@@ -138,3 +138,47 @@ def test_applied_deltas_restores_and_matches_training_forward(tokenizer):
             assert not all(torch.equal(before[n], p) for n, p in model.named_parameters())
         assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), method.name
         assert merged.isfinite().all()
+
+
+def test_load_experts_per_layer_follows_the_ranking(tmp_path):
+    """``per_layer=K`` takes the K best-ranked experts of each layer, recomputed independently from the
+    scores here; the file's own CE are its top-k."""
+    import json
+
+    from moe_interp.ceft import load_experts
+    from moe_interp.routerlens.experts import identify_experts
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 1000, (3, 8), generator=g).float()  # [layers, experts], distinct almost surely
+    sets = identify_experts(counts, method="count", k=2)
+    path = sets.save(tmp_path / "experts.json")
+    own = {layer: sorted(v) for layer, v in sets.ce().items()}
+    assert load_experts(path) == load_experts(path, per_layer=2) == own
+    layers = sorted(sets.ce())
+    for k in (1, 3, 8):
+        want = {layer: sorted(counts[i].topk(k).indices.tolist()) for i, layer in enumerate(layers)}
+        assert load_experts(path, per_layer=k) == want
+    with pytest.raises(InputError, match="per_layer=9"):
+        load_experts(path, per_layer=9)
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"0": [1]}))
+    with pytest.raises(InputError, match="Router Lens experts file"):
+        load_experts(plain, per_layer=1)
+
+
+def test_run_methods_per_ce_count():
+    """``--ce-per-layer 2,3`` gives one CEFT and its random controls per count, with matching sizes."""
+    import argparse
+
+    from moe_interp.ceft.run import _methods, ce_counts
+
+    args = argparse.Namespace(random_seeds="0,1", ceft_lora=True, lora_rank=4, controls=False, methods=None)
+    ces = {2: {0: [1, 2]}, 3: {0: [1, 2, 5]}}
+    ms = {m.name: m for m in _methods(args, ces, 8)}
+    assert {"CEFT-2", "CEFT-3", "Random-2-0", "Random-3-1", "CEFT-3-LoRA4", "FFT", "RT"} <= set(ms)
+    assert len(ms["Random-3-1"].experts[0]) == 3 and ms["CEFT-2"].experts == {0: (1, 2)}
+    default = {m.name for m in _methods(args, {None: {0: [1]}}, 8)}
+    assert {"CEFT", "Random-0", "Random-1", "CEFT-LoRA4"} <= default
+    assert ce_counts("2, 6") == [2, 6] and ce_counts(None) == []
+    with pytest.raises(InputError, match="ce-per-layer"):
+        ce_counts("two")

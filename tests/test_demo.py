@@ -38,12 +38,15 @@ def sample_metrics(demo) -> dict:
 
 
 def test_load_demo(demo) -> None:
-    from transformers import OlmoeForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast, Qwen2MoeForCausalLM
 
     model, tok, seconds = demo
     print(f"load_demo took {seconds:.2f} s")
     assert seconds < 10
-    assert isinstance(model, OlmoeForCausalLM) and isinstance(tok, PreTrainedTokenizerFast)
+    assert isinstance(model, Qwen2MoeForCausalLM) and isinstance(tok, PreTrainedTokenizerFast)
+    # the recipe's one architectural choice: layer 0 sees only a short window, later layers everything
+    assert model.config.layer_types[0] == "sliding_attention" and model.config.sliding_window == 8
+    assert set(model.config.layer_types[1:]) == {"full_attention"}
     assert not model.training
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert tok.pad_token_id is not None and tok.eos_token_id is not None
@@ -146,3 +149,37 @@ def test_card_floors(card: dict) -> None:
 def test_expert_load(sample_metrics: dict) -> None:
     for layer in sample_metrics["expert_usage"]:
         assert layer["used_frac"] >= 0.75, sample_metrics["expert_usage"]
+
+
+def test_window_layer_attention_matches_eager(demo) -> None:
+    """The demo's sliding-window layer 0 and full layers 1-3: attention to the context / answer spans
+    recorded by ``trace`` on the sdpa model equals the eager model's own ``output_attentions`` maps."""
+    import copy
+
+    import moe_interp
+
+    model, tok, _ = demo
+    recs = load_split("conflict_test")[:3]
+    prompts = [build_prompt(r["context"], r["question"]) for r in recs]
+    t = moe_interp.trace(
+        model,
+        prompts,
+        context=[r["context"] for r in recs],
+        answer=[r["context_answer"] for r in recs],
+        tokenizer=tok,
+    )
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    for i, p in enumerate(prompts):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            maps = eager(input_ids=ids, output_attentions=True).attentions  # L x [1, H, T, T]
+        span_tok = torch.zeros(len(t.span_names), ids.shape[1])
+        for s, name in enumerate(t.span_names):
+            for a, b in t.spans[i][name]:
+                span_tok[s, a:b] = 1
+        for li, layer in enumerate(t.attention_layers):
+            mass = torch.einsum("hqk,sk->qhs", maps[layer][0], span_tok)
+            torch.testing.assert_close(t.attn_to_spans[li, t.token_slice(i)], mass, atol=1e-5, rtol=0)
+        # layer 0 sees the last 8 tokens only: the final prompt token cannot reach the context
+        assert t.attn_to_spans[0, t.token_slice(i).stop - 1, :, 0].abs().max() == 0

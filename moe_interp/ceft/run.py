@@ -84,17 +84,38 @@ def parse_lrs(text: str) -> dict[str, float]:
     return out
 
 
-def _methods(args: argparse.Namespace, ce, n_experts: int) -> list[Method]:
-    """The methods this run trains (``--methods`` selects among them; unknown names are refused)."""
-    methods: list[Method] = [
-        ceft(ce),
+def ce_counts(text: str | None) -> list[int]:
+    """``--ce-per-layer``: comma-separated experts-per-layer counts (empty: the experts file's own CE)."""
+    try:
+        return [int(p) for p in (text or "").split(",") if p.strip()]
+    except ValueError:
+        raise InputError(f"--ce-per-layer: {text!r} is not a comma-separated list of integers") from None
+
+
+def _methods(args: argparse.Namespace, ces: dict[int | None, dict], n_experts: int) -> list[Method]:
+    """The methods this run trains (``--methods`` selects among them; unknown names are refused).
+
+    ``ces`` maps an experts-per-layer count (``None``: the experts file's own CE) to the CE set; each count
+    gets its CEFT, random-expert controls with as many experts per layer (and CEFT-LoRA)."""
+    seeds = [int(s) for s in args.random_seeds.split(",") if s.strip()]
+    expert_methods: list[Method] = []
+    for k, ce in ces.items():
+        tag = "" if k is None else f"-{k}"
+        expert_methods.append(ceft(ce, name=f"CEFT{tag}"))
+        expert_methods += [
+            random_experts_method(ce, n_experts, s, name=f"Random{tag}-{s}" if tag else f"Random-{s}")
+            for s in seeds
+        ]
+        if args.ceft_lora:
+            expert_methods.append(ceft(ce, lora_rank=args.lora_rank, name=f"CEFT{tag}-LoRA{args.lora_rank}"))
+    methods = [
+        *[m for m in expert_methods if m.name.startswith("CEFT") and "LoRA" not in m.name],
         full_fine_tuning(),
         router_tuning(),
-        *[random_experts_method(ce, n_experts, int(s)) for s in args.random_seeds.split(",") if s.strip()],
+        *[m for m in expert_methods if m.name.startswith("Random")],
         lora_all_experts(args.lora_rank),
+        *[m for m in expert_methods if "LoRA" in m.name],
     ]
-    if args.ceft_lora:
-        methods.append(ceft(ce, lora_rank=args.lora_rank))
     if args.controls:
         methods += [all_experts(), attention_only()]
     if not args.methods:
@@ -119,6 +140,13 @@ def main(argv: list[str] | None = None) -> Path:
         default="",
         help=f"per-method learning rates NAME=LR, added to the defaults {DEFAULT_LRS} (others: --lr)",
     )
+    p.add_argument(
+        "--ce-per-layer",
+        default=None,
+        metavar="K[,K...]",
+        help="CE per layer: the K best-ranked experts of every layer in the experts file (one CEFT-K and "
+        "random-expert controls per K; default: the file's own CE, named CEFT)",
+    )
     p.add_argument("--random-seeds", default="0", help="comma-separated seeds of random-expert controls")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--ceft-lora", action="store_true", help="also train LoRA on the CE")
@@ -133,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
     config_args(p)
-    p.set_defaults(lr=1e-3, epochs=3, batch_size=16, threads=1)
+    p.set_defaults(lr=3e-3, epochs=3, batch_size=16, threads=1)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -145,10 +173,15 @@ def main(argv: list[str] | None = None) -> Path:
     n_experts = get_architecture(model).num_experts(model.config)
     train_ex, dev_ex = demo_examples("conflict_tune"), demo_examples("conflict_dev")
     lrs = {**parse_lrs(DEFAULT_LRS), **parse_lrs(args.lrs)}
-    _methods(args, {}, n_experts)  # names checked before any training
+    ks = ce_counts(args.ce_per_layer)
+    _methods(args, {k: {} for k in ks or [None]}, n_experts)  # names checked before any training
     ce, ce_source = find_ce(args, model, tok, train_ex, dev_ex, out)
     _log(f"CE from {ce_source}: {ce}")
-    methods = _methods(args, ce, n_experts)
+    ces: dict[int | None, dict] = {None: ce}
+    if ks:
+        ces = {k: load_experts(ce_source, per_layer=k) for k in ks}
+        _log("CE per layer count: " + "; ".join(f"{k}: {v}" for k, v in ces.items()))
+    methods = _methods(args, ces, n_experts)
     cfg = config_from(args)
     results: dict[str, CEFTResult | None] = {"Base": None}
     for m in methods:
@@ -183,19 +216,23 @@ def main(argv: list[str] | None = None) -> Path:
     (out / "table.md").write_text(markdown_table(table))
     figure(rows).write_html(out / "figure.html", include_plotlyjs="cdn")
     command = "python -m moe_interp.ceft.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    report = _report(table, results, cfg, ce, ce_source, command, datasets)
+    report = _report(table, results, cfg, ces, ce_source, command, datasets)
     (out / "report.md").write_text(report)
     print(report)
     return out
 
 
-def _report(table, results, cfg: CEFTConfig, ce, ce_source: str, command: str, datasets) -> str:
+def _report(table, results, cfg: CEFTConfig, ces, ce_source: str, command: str, datasets) -> str:
     lines = [
         "# CEFT and baselines on the demo model",
         "",
         f"Command: `{command}`",
         "",
-        f"CE ({ce_source}): {json.dumps({str(k): v for k, v in ce.items()})}",
+        *[
+            f"CE{'' if k is None else f' ({k} per layer)'} from {ce_source}: "
+            + json.dumps({str(layer): v for layer, v in ce.items()})
+            for k, ce in ces.items()
+        ],
         f"Training: conflict_tune, dev conflict_dev; {json.dumps(cfg.to_dict())}",
         "",
         markdown_table(table),

@@ -222,13 +222,27 @@ def random_experts_method(like: Mapping[int, Any], num_experts: int, seed: int, 
     return ceft(spec, name=kw.pop("name", f"Random-{seed}"), meta={"seed": seed}, **kw)
 
 
-def load_experts(path: str | os.PathLike[str], which: str = "ce") -> ExpertSpec:
+def load_experts(path: str | os.PathLike[str], which: str = "ce", per_layer: int | None = None) -> ExpertSpec:
     """The CE (or ``which="oe"``) set from a Router Lens ``experts_*.json`` (:class:`ExpertSets` JSON), or
-    a plain JSON ``{layer: [expert, ...]}``."""
+    a plain JSON ``{layer: [expert, ...]}``.
+
+    ``per_layer=K`` (CE only, Router Lens files only) takes the K best-ranked experts of every layer under
+    the file's own rule and scores instead of its top-k, e.g. more CE for CEFT than were masked.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no expert selection file at {path}")
     d = json.loads(path.read_text())
+    if per_layer is not None:
+        if which != "ce" or "rows" not in d:
+            raise InputError(f"{path}: per_layer needs a Router Lens experts file (with 'rows') and the CE")
+        ranked: dict[int, list[tuple[int, int]]] = {}
+        for row in d["rows"]:
+            ranked.setdefault(int(row["layer"]), []).append((int(row["rank"]), int(row["expert"])))
+        if per_layer < 1 or any(per_layer > len(v) for v in ranked.values()):
+            n = min(len(v) for v in ranked.values())
+            raise InputError(f"per_layer={per_layer}: {path} ranks {n} experts per layer (choose 1..{n})")
+        return {layer: sorted(e for _, e in sorted(v)[:per_layer]) for layer, v in sorted(ranked.items())}
     if which in d:
         d = d[which]
     elif "rows" in d:

@@ -220,6 +220,14 @@ def write_card(res: dict, extra: dict, meta: dict, folder: Path) -> None:
         em=card["exact_match"],
         params=meta.get("n_params", 0) / 1e6,
         model=json.dumps(mk),
+        arch=json.loads((folder / "config.json").read_text())["architectures"][0],
+        window=(
+            f"Layer 0 is a sliding-window layer (it attends to the last {meta['first_window']} tokens only), "
+            "so the context is read by layers 1-3, after layer 0's experts: the context-vs-memory choice can "
+            "live in the experts (on a model whose layer 0 reads everything, it was made in layer 0)."
+            if meta.get("first_window")
+            else "Every layer attends to the whole prompt."
+        ),
         steps=meta.get("total_steps"),
         cosine_steps=meta.get("total_steps", 0) - meta.get("tail_steps", 0),
         chosen_step=chosen.get("step"),
@@ -252,7 +260,7 @@ def write_card(res: dict, extra: dict, meta: dict, folder: Path) -> None:
 
 CARD_TEMPLATE = """# moe_interp demo model
 
-A tiny `OlmoeForCausalLM` trained from scratch on CounterFact facts so that the toolkit's examples and tests
+A tiny `{arch}` trained from scratch on CounterFact facts so that the toolkit's examples and tests
 have a real Mixture-of-Experts model with memorised facts, a context-reading skill and a measurable
 memory-vs-context conflict. It is a toy: it knows only the template below and the facts it was trained on.
 
@@ -260,6 +268,7 @@ Load it with `moe_interp.demo.load_demo()` (offline, float32, eval mode). Data s
 `moe_interp.demo.load_split(name)`.
 
 ## Model
+- {window}
 - Config: {model}; byte-level BPE tokenizer, 12k vocabulary, no chat template; {params:.2f}M parameters.
 - Stored in float16 (safetensors), loaded as float32. Files ({total_mb:.1f} MB in all):
 {sizes}

@@ -1,8 +1,9 @@
 """Train the embedded demo MoE model from scratch.
 
 ``python -m moe_interp.demo.train [--out DIR] [--steps N] [--resume]`` builds the CounterFact splits and a
-byte-level BPE tokenizer, trains a small :class:`~transformers.OlmoeForCausalLM` (seeded, resumable from the
-checkpoint in ``--out``), evaluates snapshots on the dev splits, and exports the chosen snapshot in float16 to
+byte-level BPE tokenizer, trains a small Qwen2-MoE model whose first layer is a sliding-window layer
+(``--first-window``; 0 trains the earlier OLMoE demo instead) (seeded, resumable from the checkpoint in
+``--out``), evaluates snapshots on the dev splits, and exports the chosen snapshot in float16 to
 ``moe_interp/demo/weights/`` together with the tokenizer. The model card is written by
 ``python -m moe_interp.demo.evaluate --write-card``. Never run by the tests.
 
@@ -49,6 +50,7 @@ P_CONTEXT = 0.4
 POOL_CF = 0.5
 LATE_EPOCH = 3
 TAIL_STEPS = 750
+FIRST_WINDOW = 8
 ANSWER_WEIGHT = 2.0
 QUESTION_WEIGHT = 0.5
 TOKENS_PER_BATCH = 2400
@@ -424,11 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--first-window",
         type=int,
-        default=0,
+        default=FIRST_WINDOW,
         metavar="W",
-        help="train a Qwen2-MoE-shaped model whose first layer attends only to the last W tokens (sliding "
-        "window; the other layers see everything), so that reading the context must happen in layers whose "
-        "queries the earlier experts shape (0 = the OLMoE demo)",
+        help="the Qwen2-MoE-shaped model's first layer attends only to the last W tokens (sliding window; "
+        "the other layers see everything), so that reading the context happens in layers after the first "
+        "experts, which can then carry the context-vs-memory choice (0 = the earlier OLMoE demo, whose "
+        "choice is made in layer 0)",
     )
     args = ap.parse_args(argv)
 
