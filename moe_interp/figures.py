@@ -255,15 +255,28 @@ def masking_figure(summary: pd.DataFrame, metrics: Sequence[str] = ("EM", "F1"))
     )
 
 
-def gains_lines_figure(gains: pd.DataFrame, *, value: str = "rel_gain", comparison: str = "") -> go.Figure:
-    """CAG (left axis) and AAG (right axis) per layer, zeros aligned; each axis coloured like its line."""
+GAIN_LABELS = {
+    "rel_gain_of_means": "relative change of the mean",
+    "rel_gain": "mean per-example relative change",
+    "abs_gain": "absolute change",
+}
+
+
+def gains_lines_figure(
+    gains: pd.DataFrame, *, value: str = "rel_gain_of_means", comparison: str = ""
+) -> go.Figure:
+    """CAG (left axis) and AAG (right axis) per layer, zeros aligned; each axis coloured like its line.
+
+    The default ``value`` is the relative change of the per-layer mean attention: the per-example mean
+    (``rel_gain``) is dominated by examples whose base attention to the span is near zero."""
     fig = gains_figure(gains, value=value)
+    label = GAIN_LABELS.get(value, value)
     for trace, colour in zip(fig.data, LINE_COLOURS, strict=False):
         trace.update(line=dict(color=colour, width=2.5), marker=dict(size=8))
     left, right = _zero_aligned(fig.data[0].y, fig.data[1].y)
     axis = dict(zeroline=True, zerolinecolor="#9aa3ad", zerolinewidth=1.5, tickmode="auto")
     fig.update_yaxes(
-        title_text=f"CAG: context attention gain ({value})",
+        title_text=f"CAG: context attention gain<br>({label})",
         range=left,
         title_font=dict(color=LINE_COLOURS[0]),
         tickfont=dict(color=LINE_COLOURS[0]),
@@ -271,7 +284,7 @@ def gains_lines_figure(gains: pd.DataFrame, *, value: str = "rel_gain", comparis
         **axis,
     )
     fig.update_yaxes(
-        title_text=f"AAG: answer attention gain ({value})",
+        title_text=f"AAG: answer attention gain<br>({label})",
         range=right,
         title_font=dict(color=LINE_COLOURS[1]),
         tickfont=dict(color=LINE_COLOURS[1]),
