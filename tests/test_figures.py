@@ -42,6 +42,7 @@ def inputs() -> F.Inputs:
             "layer": [0, 1, 3, 0, 1, 3],
             "measure": ["CAG"] * 3 + ["AAG"] * 3,
             "rel_gain": [0.0, 0.2, -0.1, 0.05, -0.4, 0.9],
+            "rel_gain_of_means": [0.0, 0.1, -0.05, 0.02, -0.3, 0.5],
         }
     )
     apg = pd.DataFrame(
@@ -137,13 +138,15 @@ def test_masking_bars_equal_the_summary(inputs, figs):
 
 def test_gain_lines_use_two_axes_with_aligned_zeros(inputs, figs):
     fig = figs["cag_aag"]
-    cag, aag = fig.data
-    np.testing.assert_allclose(cag.y, [0.0, 0.2, -0.1])
-    np.testing.assert_allclose(aag.y, [0.05, -0.4, 0.9])
+    cag, aag = fig.data  # the relative change of the mean attention, not the per-example mean
+    np.testing.assert_allclose(cag.y, [0.0, 0.1, -0.05])
+    np.testing.assert_allclose(aag.y, [0.02, -0.3, 0.5])
     assert cag.yaxis == "y" and aag.yaxis == "y2"
     (a0, a1), (b0, b1) = fig.layout.yaxis.range, fig.layout.yaxis2.range
     assert -a0 / (a1 - a0) == pytest.approx(-b0 / (b1 - b0))
-    assert a0 <= -0.1 and a1 >= 0.2 and b0 <= -0.4 and b1 >= 0.9
+    assert a0 <= -0.05 and a1 >= 0.1 and b0 <= -0.3 and b1 >= 0.5
+    per_example = F.gains_lines_figure(inputs.gains, value="rel_gain")
+    np.testing.assert_allclose(per_example.data[1].y, [0.05, -0.4, 0.9])
     apg = figs["apg"].data
     np.testing.assert_allclose(apg[0].y, inputs.apg["abs_gain"])
     np.testing.assert_allclose(apg[2].y, inputs.apg["tuned"])
