@@ -6,9 +6,10 @@
    it exists, else computed here with Router Lens (router tuning on ``conflict_tune``, selection counts,
    the paper's ``count`` rule) into ``<out>/routerlens/``;
 2. train CEFT, FFT, RT, random experts (same count per layer, seeded), LoRA on all experts (and CEFT-LoRA
-   with ``--ceft-lora``; with ``--controls`` also every expert, and attention only, to show where the
-   model's choice can be moved) on ``conflict_tune`` with the same data, epochs and batch size (dev loss on
-   ``conflict_dev`` picks the best epoch); each into ``<out>/<method>/``;
+   with ``--ceft-lora``; ``--ce-per-layer 2,4,6`` trains CEFT-K and Random-K-seed for each count K, the K
+   best-ranked experts per layer of the experts file; with ``--controls`` also every expert, and attention
+   only, to show where the model's choice can be moved) on ``conflict_tune`` with the same data, epochs
+   and batch size (dev loss on ``conflict_dev`` picks the best epoch); each into ``<out>/<method>/``;
 3. evaluate Base and every method on ``conflict_test`` (EM / F1 / Pc / Po) and closed-book on memorised
    facts (forgetting); ``rows.csv``, ``table.csv``, ``table.md``, ``figure.html`` and ``report.md``.
 """
