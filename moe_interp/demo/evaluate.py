@@ -342,7 +342,8 @@ Expert load per layer (top-2 selections over the non-padding prompt tokens of `c
 against `card.json` within a tolerance derived from the standard error.
 
 ## Regenerate
-`python -m moe_interp.demo.train` (splits, tokenizer, training, export), then
+`python -m moe_interp.demo.train --threads {threads}` (splits, tokenizer, training, export; the thread count
+changes the floating-point order, so use the one above for these exact weights), then
 `python -m moe_interp.demo.evaluate --write-card`.
 """
 
