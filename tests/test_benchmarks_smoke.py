@@ -26,6 +26,10 @@ def test_trace_overhead_smoke(tmp_path):
     assert {"plain forward", "trace: routing", "trace: routing + attention to spans"} <= variants
     assert all(r["ratio"] > 0 for r in result["rows"])
     assert result["memory"][0]["ratio"] >= 1
+    table = _load("readme_table").render(result)  # the README's table renders from the same JSON
+    assert "| trace: routing |" in table and "olmoe 1x16" in table
+    row = next(r for r in result["rows"] if r["variant"] == "trace: routing")
+    assert f"{row['ratio']:.2f}x / {row['ratio_last_token_logits']:.2f}x" in table
 
 
 def test_routerlens_counting_smoke(tmp_path):
