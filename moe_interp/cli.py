@@ -128,6 +128,9 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+RECORD_FIELDS = {"prompt", "context", "answer", "id", "meta"}
+
+
 def _read_prompt_records(path: Path) -> tuple[list[str], list[str | None], list[str | None]]:
     """prompts, contexts and answers from a JSONL file of {"prompt", "context"?, "answer"?} records."""
     prompts: list[str] = []
@@ -142,6 +145,12 @@ def _read_prompt_records(path: Path) -> tuple[list[str], list[str | None], list[
             raise MoEInterpError(f"{path} line {n} is not JSON ({exc.msg})") from exc
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise MoEInterpError(f'{path} line {n}: a record needs a string field "prompt"')
+        unknown = sorted(set(record) - RECORD_FIELDS)
+        if unknown:  # a misspelt "contxt" would otherwise trace without its span
+            raise MoEInterpError(
+                f'{path} line {n}: unknown field(s) {unknown}; a record has "prompt" and optionally '
+                '"context", "answer" (and "id", "meta", which are ignored)'
+            )
         for key in ("context", "answer"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise MoEInterpError(f'{path} line {n}: field "{key}" must be a string')

@@ -107,6 +107,8 @@ def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figur
         "",
         f"greedy next token matches the context's answer (Pc, first token): {pc / len(records):.3f}",
         f"greedy next token matches the memorised answer (Po, first token): {po / len(records):.3f}",
+        "(a first-token check on these prompts; the model card's Pc / Po compare whole greedy answers on",
+        " all 400 conflict_test records, the Router Lens report counts an answer containing the object)",
         "",
         "wrote " + ", ".join(str(p) for p in written),
         f"total time {time.perf_counter() - start:.1f}s",

@@ -40,7 +40,7 @@ _TENSOR_FIELDS = (
 )
 
 
-@dataclass
+@dataclass(repr=False)
 class MoETrace:
     """Routing, attention and outputs recorded from one (batched) forward pass.
 
@@ -92,6 +92,23 @@ class MoETrace:
     expert_outputs: torch.Tensor | None = None
     shared_outputs: torch.Tensor | None = None
     block_outputs: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ display
+    def __repr__(self) -> str:
+        """One line per recorded tensor (name and shape), not the values: traces are large."""
+        shapes = [
+            f"{name}={list(value.shape)}"
+            for name in _TENSOR_FIELDS
+            if isinstance(value := getattr(self, name), torch.Tensor)
+        ]
+        if self.attention_maps is not None:
+            shapes.append(f"attention_maps=[{len(self.attention_maps)} x [A, H, T_i, T_i]]")
+        return (
+            f"MoETrace({self.model_type}, {len(self)} prompt(s), {len(self.tokens)} tokens, MoE layers "
+            f"{self.layers}, {self.num_experts} experts, top-{self.top_k}, spans {list(self.span_names)};\n  "
+            + ",\n  ".join(shapes)
+            + ")"
+        )
 
     # ------------------------------------------------------------------ indexing
     def __len__(self) -> int:

@@ -73,6 +73,19 @@ def trace(
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise InputError("trace() needs a tokenizer: pass tokenizer=... (the model does not carry one)")
+    if not callable(tokenizer):
+        raise InputError(
+            f"tokenizer must be a loaded tokenizer object, got {type(tokenizer).__name__} {tokenizer!r:.60}"
+            " (load it first, e.g. AutoTokenizer.from_pretrained(path))"
+        )
+    for name, flag in (
+        ("attention", attention),
+        ("full_attention", full_attention),
+        ("expert_outputs", expert_outputs),
+        ("remote", remote),
+    ):
+        if not isinstance(flag, bool):
+            raise InputError(f"{name} must be True or False, got {flag!r}")
     prompts = _as_list(prompt, "prompt")
     if not prompts:
         raise InputError("prompt is an empty list")

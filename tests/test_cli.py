@@ -150,3 +150,6 @@ def test_trace_records_file_gives_per_prompt_contexts(tmp_path, capsys):
     records.write_text('{"prompt": 5}\n')
     assert cli.main(["trace", "--prompts-file", str(records), "--out", str(out)]) == 2
     assert 'line 1: a record needs a string field "prompt"' in capsys.readouterr().err
+    records.write_text('{"prompt": "x y", "id": 3}\n{"prompt": "x", "contxt": "x"}\n')
+    assert cli.main(["trace", "--prompts-file", str(records), "--out", str(out)]) == 2
+    assert "line 2: unknown field(s) ['contxt']" in capsys.readouterr().err

@@ -362,6 +362,10 @@ def test_bad_prompts_and_spans(tokenizer):
         moe_interp.trace(model, "Paris " * 200, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="tokenizer"):
         moe_interp.trace(model, "Paris")
+    with pytest.raises(InputError, match="tokenizer must be a loaded tokenizer object, got str 'gpt2'"):
+        moe_interp.trace(model, "Paris", tokenizer="gpt2")
+    with pytest.raises(InputError, match="full_attention must be True or False, got 'yes'"):
+        moe_interp.trace(model, "Paris", tokenizer=tokenizer, full_attention="yes")
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -437,3 +441,15 @@ def test_answer_spans_are_whole_words_and_inputs_are_checked(tokenizer):
         moe_interp.trace(model, [prompt], context=[5], tokenizer=tokenizer)
     with pytest.raises(InputError, match="answer must be a string"):
         moe_interp.trace(model, prompt, answer=5, tokenizer=tokenizer)
+
+
+def test_repr_lists_shapes_not_values(tokenizer):
+    model = make_model("olmoe")
+    t = moe_interp.trace(
+        model, PROMPTS, context=[CONTEXT, None, None], answer=["Paris", None, None], tokenizer=tokenizer
+    )
+    text = repr(t)
+    assert text.startswith("MoETrace(olmoe, 3 prompt(s)")
+    assert f"router_logits={list(t.router_logits.shape)}" in text
+    assert f"attn_to_spans={list(t.attn_to_spans.shape)}" in text
+    assert "tensor(" not in text and len(text) < 1000

@@ -56,18 +56,29 @@ def find_ce(args: argparse.Namespace, model, tok, train_ex, dev_ex, out: Path) -
     if args.experts:
         return load_experts(args.experts), str(args.experts)
     if DEFAULT_CE.is_file():
+        from moe_interp.demo import WEIGHTS_DIR
+
+        weights = WEIGHTS_DIR / "model.safetensors"
+        if args.model is None and weights.is_file() and weights.stat().st_mtime > DEFAULT_CE.stat().st_mtime:
+            _log(f"warning: {DEFAULT_CE} predates the demo weights (another model's CE?); pass --experts")
         return load_experts(DEFAULT_CE), str(DEFAULT_CE)
     own = out / "routerlens" / "experts_count_all.json"
     if not own.is_file():
         from moe_interp.routerlens import (
+            RouterTuningConfig,
             applied_router_weights,
             count_selections,
             identify_experts,
             tune_routers,
         )
+        from moe_interp.routerlens.run import DEMO_LR
 
-        _log("no Router Lens output: router tuning + selection counts (routerlens defaults) for the CE")
-        rt = tune_routers(model, tok, train_ex, dev_ex, out=out / "routerlens" / "rt", progress=False)
+        # the same settings as `python -m moe_interp.routerlens.run` (its demo learning rate on the demo)
+        cfg = RouterTuningConfig(lr=DEMO_LR) if args.model is None else RouterTuningConfig()
+        _log(f"no Router Lens output: router tuning (lr {cfg.lr}) + selection counts for the CE")
+        rt = tune_routers(
+            model, tok, train_ex, dev_ex, config=cfg, out=out / "routerlens" / "rt", progress=False
+        )
         with applied_router_weights(model, rt.weights):
             counts = count_selections(model, tok, train_ex, spans=("all",), batch_size=32, progress=False)
         identify_experts(counts, span="all", method="count").save(own)
@@ -234,7 +245,9 @@ def _report(table, results, cfg: CEFTConfig, ces, ce_source: str, command: str, 
             + json.dumps({str(layer): v for layer, v in ce.items()})
             for k, ce in ces.items()
         ],
-        f"Training: conflict_tune, dev conflict_dev; {json.dumps(cfg.to_dict())}",
+        "Training: conflict_tune, dev conflict_dev; "
+        + json.dumps({k: v for k, v in cfg.to_dict().items() if k != "lr"})
+        + " (learning rates per method below)",
         "",
         markdown_table(table),
         "Per method: "
