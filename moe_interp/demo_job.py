@@ -10,7 +10,6 @@ Run with ``python -m moe_interp.demo_job`` (or ``make demo``). Writes to ``figur
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -131,4 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moe_interp.errors import run_main
+
+    run_main("python -m moe_interp.demo_job", main)

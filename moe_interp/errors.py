@@ -21,3 +21,22 @@ class InputError(MoEInterpError, ValueError):
 
 class RecordingError(MoEInterpError, RuntimeError):
     """A hook expected to fire during the forward pass did not (the model was wrapped or patched)."""
+
+
+def run_main(name: str, main) -> None:
+    """Entry point of ``python -m <module>``: run ``main(argv)`` and report a package error (or a missing
+    file) as one line on stderr with exit status 2, as the ``moe-interp`` command does; ``--traceback`` shows
+    the Python traceback instead."""
+    import sys
+
+    argv = sys.argv[1:]
+    show = "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
+    try:
+        result = main(argv)
+    except (MoEInterpError, FileNotFoundError) as exc:
+        if show:
+            raise
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)

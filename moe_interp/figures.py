@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import shlex
-import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -742,4 +741,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from moe_interp.errors import run_main
+
+    run_main("python -m moe_interp.figures", main)

@@ -153,3 +153,25 @@ def test_trace_records_file_gives_per_prompt_contexts(tmp_path, capsys):
     records.write_text('{"prompt": "x y", "id": 3}\n{"prompt": "x", "contxt": "x"}\n')
     assert cli.main(["trace", "--prompts-file", str(records), "--out", str(out)]) == 2
     assert "line 2: unknown field(s) ['contxt']" in capsys.readouterr().err
+
+
+def test_python_m_entry_points_report_errors_in_one_line(monkeypatch, capsys):
+    """``python -m moe_interp.<pipeline>`` exits 2 with one line for package errors (``run_main``), and
+    re-raises with ``--traceback``; a main returning an int sets the exit status."""
+    from moe_interp.errors import InputError, run_main
+
+    def bad(argv):
+        assert argv == ["--x"]
+        raise InputError("--x is wrong")
+
+    monkeypatch.setattr("sys.argv", ["prog", "--x"])
+    with pytest.raises(SystemExit) as stop:
+        run_main("python -m demo", bad)
+    assert stop.value.code == 2 and capsys.readouterr().err == "python -m demo: error: --x is wrong\n"
+    monkeypatch.setattr("sys.argv", ["prog", "--x", "--traceback"])
+    with pytest.raises(InputError):
+        run_main("python -m demo", bad)
+    monkeypatch.setattr("sys.argv", ["prog"])
+    with pytest.raises(SystemExit) as stop:
+        run_main("python -m demo", lambda argv: 3)
+    assert stop.value.code == 3

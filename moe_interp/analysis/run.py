@@ -157,4 +157,6 @@ def _readme(out: Path, summary: dict, gains, apg, amp) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moe_interp.errors import run_main
+
+    run_main("python -m moe_interp.analysis.run", main)

@@ -265,4 +265,6 @@ def _report(table, results, cfg: CEFTConfig, ces, ce_source: str, command: str, 
 
 
 if __name__ == "__main__":
-    main()
+    from moe_interp.errors import run_main
+
+    run_main("python -m moe_interp.ceft.run", main)

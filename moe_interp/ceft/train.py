@@ -155,4 +155,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from moe_interp.errors import run_main
+
+    run_main("python -m moe_interp.ceft.train", main)

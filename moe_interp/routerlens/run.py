@@ -198,4 +198,6 @@ def _report(summary, experts: ExpertSets, rt, counts, args, command: str) -> str
 
 
 if __name__ == "__main__":
-    main()
+    from moe_interp.errors import run_main
+
+    run_main("python -m moe_interp.routerlens.run", main)
