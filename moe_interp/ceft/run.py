@@ -144,7 +144,7 @@ def _methods(args: argparse.Namespace, ces: dict[int | None, dict], n_experts: i
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/ceft")
+    p.add_argument("--out", default="runs/ceft", help="output folder, resumable (default: %(default)s)")
     p.add_argument("--model", default=None, help="a saved model + tokenizer folder (default: demo model)")
     p.add_argument("--experts", default=None, help="Router Lens experts JSON (default: see above)")
     p.add_argument(
@@ -167,9 +167,17 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="also train every expert (All-experts) and attention only (Attention; default lr 3e-4 as FFT)",
     )
-    p.add_argument("--methods", default=None, help="comma-separated subset of method names")
-    p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--memorised-limit", type=int, default=400)
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of the run's methods: CEFT (or CEFT-K with --ce-per-layer), FFT, RT, "
+        "Random-SEED (Random-K-SEED), LoRA8-all, CEFT-LoRA8 (--ceft-lora), All-experts and Attention "
+        "(--controls)",
+    )
+    p.add_argument("--test-limit", type=int, default=None, help="first N conflict_test records (all)")
+    p.add_argument(
+        "--memorised-limit", type=int, default=400, help="memorised facts asked closed-book (forgetting)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=32)
     config_args(p)

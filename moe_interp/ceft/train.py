@@ -88,16 +88,18 @@ def make_method(
 def config_args(p: argparse.ArgumentParser) -> None:
     """Add one flag per :class:`CEFTConfig` field."""
     d = CEFTConfig()
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training data (%(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example (longer: error)")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of steps warming up")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--eval-every", type=int, default=None, help="dev-loss interval in steps (default: epoch)")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="resume-state interval in steps"
+    )
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
