@@ -209,7 +209,7 @@ def write_card(res: dict, extra: dict, meta: dict, folder: Path) -> None:
         for r in meta.get("log", [])
     )
     files = [p for p in sorted(folder.iterdir()) if p.is_file()]
-    sizes = "\n".join(f"- `{p.name}`: {p.stat().st_size / 1e6:.2f} MB" for p in files)
+    sizes = "\n".join(f"  - `{p.name}`: {p.stat().st_size / 1e6:.2f} MB" for p in files)
     mk = meta.get("model", {})
     text = CARD_TEMPLATE.format(
         **{k: _fmt(v) for k, v in {**res, **extra}.items() if isinstance(v, dict) and "value" in v},
@@ -248,7 +248,9 @@ def write_card(res: dict, extra: dict, meta: dict, folder: Path) -> None:
         tail_p_context=meta.get("tail_p_context"),
         tail_pool_repeat=meta.get("tail_pool_repeat"),
         tail_cb_repeat=meta.get("tail_cb_repeat"),
-        note=meta.get("note", ""),
+        note=f"\n  {meta['note']}" if meta.get("note") else "",
+        tail_pool_s="" if meta.get("tail_pool_repeat") == 1 else "s",
+        threads_s="" if meta.get("threads", 2) == 1 else "s",
         p_context=meta.get("p_context"),
         answer_weight=meta.get("answer_weight"),
         tokens_per_batch=meta.get("tokens_per_batch"),
@@ -297,18 +299,20 @@ held-out fact (`support_test_distractor`, every second `conflict_*` record, half
   probability {late_p_context} (memory is learnt by then; this shifts compute to copying and lowers Pc).
 - Tail: {tail_steps} extra steps at the final learning rate (10% of peak), starting a fresh epoch with
   {tail_conflict_repeat} counterfactual-context examples per `train` fact (context target with probability
-  {tail_p_context}), {tail_pool_repeat} context example(s) per pool fact and {tail_cb_repeat} closed-book
-  lines per fact.
+  {tail_p_context}), {tail_pool_repeat} context example{tail_pool_s} per pool fact and
+  {tail_cb_repeat} closed-book lines per fact.
 - Loss: next-token cross-entropy on the answer and end-of-text tokens (weight {answer_weight} + 1) and on the
   question tokens of context examples (weight 0.5; predicting them is copying); router load-balancing loss
   0.01.
 - AdamW (betas 0.9/0.95, weight decay 0.01), peak lr {lr}, {warmup} warm-up steps, cosine to 10%, gradient
   clip 1.0, length-bucketed batches of <= {tokens_per_batch} padded tokens, {steps} steps in all (cosine
   over the first {cosine_steps}), seed {seed},
-  {threads} CPU thread(s); {tokens:.1f}M non-padding tokens, {train_min:.0f} min wall-clock (shared CPU).
-  {note}
+  {threads} CPU thread{threads_s}; {tokens:.1f}M non-padding tokens, {train_min:.0f} min wall-clock
+  (shared CPU).{note}
 - Snapshots were evaluated on the dev splits every 250 steps; the shipped weights are the step {chosen_step}
-  snapshot (rule: `moe_interp.demo.train.select_snapshot`):
+  snapshot (rule: `moe_interp.demo.train.select_snapshot`: closed-book >= 0.95 and dev Pc in [0.15, 0.65],
+  so that conflicts are not already mostly answered from the context; among those, support_dev >= 0.92 and
+  Pc closest to 0.40, else the best support_dev):
 
 | step | seconds | closed-book (train facts) | support_dev | Pc dev | Po dev |
 |---|---|---|---|---|---|
