@@ -46,6 +46,7 @@ import moe_interp
 KEEP = "plain forward, last-token logits (logits_to_keep)"
 NNSIGHT_KEEP = "nnsight: save every router output, last-token logits"
 NNSIGHT_TEXT = "nnsight from prompts: tokenise, save routers, last-token logits"
+NNSIGHT_SAME = "nnsight from prompts: the same routing quantities as trace"
 TRACE_EAGER = "trace: routing + attention to spans, eager-attention copy"
 NNSIGHT_SPANS = "nnsight: routers + eager attention maps -> span masses"
 NNSIGHT_SPANS_TEXT = "nnsight from prompts: locate spans, routers + eager attention maps -> span masses"
@@ -177,6 +178,53 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
             last = torch.unique(enc["attention_mask"].sum(1) - 1)
             return nnsight_routers(enc["input_ids"], enc["attention_mask"], logits_to_keep=last)
 
+        # module paths of each MoE layer's router and experts, for the like-for-like peer below
+        names = {id(m): n for n, m in model.named_modules()}
+        paths = [(names[id(m.router)], names[id(m.experts)]) for m in arch.moe_layers(model)]
+        at = arch.router_output.index("logits")
+
+        def envoy(root, path: str):
+            for part in path.split("."):
+                root = root[int(part)] if part.isdigit() else getattr(root, part)
+            return root
+
+        def nnsight_same_quantities():
+            """What ``trace: routing`` returns, recorded with nnsight from the prompts: router logits,
+            probabilities over all experts, the top-k indices and weights the model applied (the experts'
+            inputs), padding dropped, token strings and last-token logits (not its near-tie flags)."""
+            enc = tok(prompts, padding=True, padding_side="right", return_tensors="pt")
+            last = torch.unique(enc["attention_mask"].sum(1) - 1)
+            saved = []
+            with wrapped.trace(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                use_cache=False,
+                logits_to_keep=last,
+            ):
+                for router, experts in paths:
+                    saved.append(
+                        (envoy(wrapped, router).output.save(), envoy(wrapped, experts).inputs.save())
+                    )
+                logits_out = wrapped.output.logits.save()
+            valid = enc["attention_mask"].flatten().bool()
+            rows = []
+            for out_r, (args, _) in saved:
+                lg = (out_r if isinstance(out_r, tuple) else (out_r,))[at]
+                lg = lg.reshape(-1, lg.shape[-1]).float()[valid]
+                rows.append(
+                    (
+                        lg,
+                        arch.probabilities(lg),
+                        args[1].reshape(-1, args[1].shape[-1])[valid],
+                        args[2].reshape(-1, args[2].shape[-1]).float()[valid],
+                    )
+                )
+            ids_kept = enc["input_ids"].flatten()[valid].tolist()  # each token decoded on its own, as trace
+            tokens = tok.backend_tokenizer.decode_batch([[i] for i in ids_kept], skip_special_tokens=False)
+            return [torch.stack(t) for t in zip(*rows, strict=True)], tokens, logits_out.float()
+
+        if arch.applied == "experts_input":
+            out[NNSIGHT_SAME] = nnsight_same_quantities
         out["nnsight: save every router output"] = nnsight_routers
         out[NNSIGHT_KEEP] = lambda: nnsight_routers(logits_to_keep=keep)
         out[NNSIGHT_TEXT] = nnsight_from_text
@@ -292,6 +340,7 @@ def paired_ratio(times: list[float], base: list[float]) -> float:
 #: (trace variant, peer variant): each compared within the same repetitions (same quantities recorded)
 COMPARISONS = (
     ("trace: routing", NNSIGHT_TEXT),
+    ("trace: routing", NNSIGHT_SAME),
     ("trace: routing", "TransformerLens: run_with_cache (MoE hooks)"),
     (TRACE_EAGER, NNSIGHT_SPANS),
     (TRACE_EAGER, NNSIGHT_SPANS_TEXT),

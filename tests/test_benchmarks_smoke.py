@@ -42,3 +42,27 @@ def test_routerlens_counting_smoke(tmp_path):
     assert [row["examples"] for row in result["memory"]] == [12]
     row = result["memory"][0]
     assert len(row["chunk_peak_growth_mb"]) == 1 and row["later_chunks_peak_growth_mb"] is None
+
+
+def test_nnsight_peer_records_the_same_quantities_as_trace(tmp_path):
+    """The like-for-like nnsight peer returns exactly what ``trace: routing`` records (so their timings
+    compare the same work): router logits, probabilities, applied top-k indices and weights, token strings."""
+    import pytest
+
+    pytest.importorskip("nnsight")
+    import torch
+
+    import moe_interp
+
+    bench = _load("trace_overhead")
+    model = bench._random_model("olmoe")
+    tok = bench._tokenizer(model.config.vocab_size)
+    prompts, contexts, answers = bench._prompts(tok, 2, 16)
+    variants = bench._variants(model, tok, prompts, contexts, answers, tmp_path)
+    (logits, probs, indices, weights), tokens, _ = variants[bench.NNSIGHT_SAME]()
+    t = moe_interp.trace(model, prompts, tokenizer=tok, attention=False)
+    torch.testing.assert_close(logits, t.router_logits)
+    torch.testing.assert_close(probs, t.router_probs)
+    assert torch.equal(indices.long(), t.topk_indices)
+    torch.testing.assert_close(weights, t.topk_weights)
+    assert tokens == t.tokens
