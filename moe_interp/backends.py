@@ -55,24 +55,27 @@ class ForwardSpec:
     mask: torch.Tensor  # [B, T] long, 1 = token
     recorder: Recorder
     attention: AttentionSink | None
+    lengths: list[int] | None = None  # tokens per row; read from ``mask`` when not given
 
-    def last_positions(self) -> torch.Tensor:
-        """[B] position of each row's last token (right padding)."""
-        return (self.mask.sum(1) - 1).clamp(min=0)
+    def last_positions(self) -> list[int]:
+        """Position of each row's last token (right padding), B ints."""
+        lengths = self.lengths if self.lengths is not None else self.mask.sum(1).tolist()
+        return [max(n - 1, 0) for n in lengths]
 
     def keep(self, hf: nn.Module) -> dict:
         """``logits_to_keep`` for the forward: only the distinct last positions (the LM head is a large share
         of a forward over many tokens), or nothing if the model's forward lacks the argument."""
         if not forward_accepts(hf, "logits_to_keep"):
             return {}
-        return {"logits_to_keep": torch.unique(self.last_positions())}
+        return {"logits_to_keep": torch.tensor(sorted(set(self.last_positions())))}
 
     def next_token_logits(self, logits: torch.Tensor, kept: dict) -> torch.Tensor:
         """[B, V] logits after each row's last token, from the forward's [B, T or U, V] logits."""
-        last = self.last_positions().to(logits.device)
-        if kept:
-            last = torch.searchsorted(kept["logits_to_keep"].to(logits.device), last)
-        return logits[torch.arange(logits.shape[0], device=logits.device), last]
+        last = self.last_positions()
+        if kept:  # row of each position among the kept ones
+            row = {p: r for r, p in enumerate(kept["logits_to_keep"].tolist())}
+            last = [row[p] for p in last]
+        return torch.stack([logits[row, p] for row, p in enumerate(last)])  # B views: cheaper than gather
 
 
 def run(

@@ -7,6 +7,7 @@ token belongs to and where it sits in it.
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from moe_interp.atomic import atomic_write
 from moe_interp.errors import InputError
+from moe_interp.routing import near_ties
 
 Span = tuple[int, int]
 
@@ -32,7 +34,6 @@ _TENSOR_FIELDS = (
     "topk_weights",
     "next_token_logits",
     "selection_scores",
-    "near_tie",
     "attn_to_spans",
     "expert_outputs",
     "shared_outputs",
@@ -53,7 +54,8 @@ class MoETrace:
       and the weights it actually applied to their outputs.
     - ``selection_scores`` [L, N, E] float32 or None: scores used for choosing where they differ from
       ``router_probs`` (DeepSeek-V3 adds a bias for choosing only).
-    - ``near_tie`` [L, N] bool: the k-th and (k+1)-th selection scores are within ``near_tie_tol``.
+    - ``near_tie`` [L, N] bool: the k-th and (k+1)-th selection scores (the field named by
+      ``near_tie_scores``) are within ``near_tie_tol``; computed on first use.
     - ``next_token_logits`` [B, V] float32: logits at each prompt's last token.
     - ``attn_to_spans`` [A, N, H, S] float32 or None: attention mass each query token pays to each span.
     - ``attention_maps``: per prompt [A, H, T_i, T_i] float32, only with ``full_attention=True``.
@@ -83,7 +85,8 @@ class MoETrace:
     spans: list[dict[str, list[Span]]]
     span_names: tuple[str, ...] = ()
     selection_scores: torch.Tensor | None = None
-    near_tie: torch.Tensor | None = None
+    near_tie_tol: float = 1e-3
+    near_tie_scores: str = "router_probs"
     attention_layers: list[int] = field(default_factory=list)
     attn_to_spans: torch.Tensor | None = None
     attention_maps: list[torch.Tensor] | None = None
@@ -110,6 +113,14 @@ class MoETrace:
             + ")"
         )
 
+    @functools.cached_property
+    def near_tie(self) -> torch.Tensor:
+        """[L, N] bool: tokens whose k-th and (k+1)-th selection scores differ by at most ``near_tie_tol``
+        (in bf16 / fp16 such choices can flip)."""
+        if self.near_tie_scores not in ("router_probs", "router_logits", "selection_scores"):
+            raise InputError(f"near_tie_scores must name a score field, got {self.near_tie_scores!r}")
+        return near_ties(getattr(self, self.near_tie_scores), self.top_k, self.near_tie_tol)
+
     # ------------------------------------------------------------------ indexing
     def __len__(self) -> int:
         return len(self.prompts)
@@ -134,7 +145,6 @@ class MoETrace:
             "topk_indices": 1,
             "topk_weights": 1,
             "selection_scores": 1,
-            "near_tie": 1,
             "attn_to_spans": 1,
             "expert_outputs": 1,
             "shared_outputs": 1,

@@ -275,6 +275,7 @@ class AttentionSink:
     def stack_spans(self) -> torch.Tensor:
         return torch.stack(self.spans)
 
-    def maps(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+    def maps(self, lengths: list[int]) -> list[torch.Tensor]:
+        """Per prompt [A, H, T_i, T_i], padding cut off (``lengths``: tokens per prompt)."""
         full = torch.stack(self.full)  # [A, B, H, T, T]
-        return [full[:, b, :, :n, :n].clone() for b, n in enumerate(lengths.tolist())]
+        return [full[:, b, :, :n, :n].clone() for b, n in enumerate(lengths)]

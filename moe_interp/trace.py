@@ -15,7 +15,6 @@ from moe_interp.data.spans import char_to_token_spans, encode_many_with_offsets,
 from moe_interp.errors import InputError
 from moe_interp.moetrace import MoETrace, Span
 from moe_interp.recording import AttentionSink, Recorder
-from moe_interp.routing import near_ties
 
 
 @dataclass
@@ -86,6 +85,8 @@ def trace(
     ):
         if not isinstance(flag, bool):
             raise InputError(f"{name} must be True or False, got {flag!r}")
+    if isinstance(near_tie_tol, bool) or not isinstance(near_tie_tol, (int, float)) or not near_tie_tol >= 0:
+        raise InputError(f"near_tie_tol must be a number >= 0, got {near_tie_tol!r}")
     prompts = _as_list(prompt, "prompt")
     if not prompts:
         raise InputError("prompt is an empty list")
@@ -102,27 +103,30 @@ def trace(
     _check_lengths(hf, encoded, prompts)
     span_names = tuple(n for n in ("context", "answer") if any(n in e.spans for e in encoded))
 
-    rows = hf.get_input_embeddings().weight.shape[0]
+    embedding = hf.get_input_embeddings().weight
+    rows = embedding.shape[0]
     too_big = max(max(e.ids) for e in encoded)
     if too_big >= rows:
         raise InputError(
             f"the tokenizer produced token id {too_big} but the model's embedding has {rows} rows: "
             "the tokenizer does not belong to this model"
         )
-    device = hf.get_input_embeddings().weight.device
-    input_ids, mask = _pad(encoded, tokenizer, device)
-    rec = Recorder(arch, moe_layers, mask.flatten().bool().cpu(), expert_outputs)
+    device = embedding.device
+    input_ids, mask = _pad(encoded, tokenizer)
+    rec = Recorder(arch, moe_layers, mask.flatten().bool(), expert_outputs)
     attn = None
     if attention and (span_names or full_attention):
         span_masks = _span_masks(encoded, span_names, input_ids.shape[1])
-        attn = AttentionSink(span_masks, mask.cpu().bool(), full_attention)
-    spec = backends.ForwardSpec(arch, moe_layers, input_ids, mask, rec, attn)
+        attn = AttentionSink(span_masks, mask.bool(), full_attention)
+    lengths_list = [len(e.ids) for e in encoded]
+    spec = backends.ForwardSpec(
+        arch, moe_layers, input_ids.to(device), mask.to(device), rec, attn, lengths=lengths_list
+    )
     next_logits = backends.run(backend, model, hf, spec, remote=remote)
 
-    lengths = mask.sum(1).cpu()
-    positions = torch.cat([torch.arange(int(n)) for n in lengths])
-    example = torch.cat([torch.full((int(n),), i, dtype=torch.long) for i, n in enumerate(lengths)])
-    token_ids = input_ids.cpu().flatten()[rec.valid]
+    token_ids = torch.tensor([i for e in encoded for i in e.ids])
+    example = torch.tensor([b for b, n in enumerate(lengths_list) for _ in range(n)])
+    positions = torch.tensor([p for n in lengths_list for p in range(n)])
     k = arch.top_k(hf.config)
     logits = rec.stack("logits")
     weights, indices = rec.applied_routing(hf.config, k)
@@ -135,12 +139,12 @@ def trace(
     else:
         experts_out = shared = None
     probs = arch.probabilities(logits)
-    if arch.rule.choice_bias is None and arch.rule.score in ("softmax", "sigmoid"):
-        choice = probs  # the rule chooses by these very probabilities: no second softmax
-    else:
+    if arch.rule.choice_bias is not None:  # chosen by biased scores: record them
         choice = torch.stack(
             [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
         )
+    else:  # chosen by the probabilities, or (score "logits") by the logits themselves
+        choice = None
     return MoETrace(
         model_type=arch.model_type,
         layers=[layer.number for layer in moe_layers],
@@ -155,20 +159,25 @@ def trace(
         router_probs=probs,
         topk_indices=indices,
         topk_weights=weights,
-        selection_scores=choice if arch.rule.choice_bias is not None else None,
-        near_tie=near_ties(choice, k, near_tie_tol),
+        selection_scores=choice,
+        near_tie_tol=near_tie_tol,
+        near_tie_scores=_NEAR_TIE_SCORES[arch.rule.score] if choice is None else "selection_scores",
         next_token_logits=next_logits.float().cpu(),
         spans=[e.spans for e in encoded],
         span_names=span_names,
         attention_layers=attn.layers if attn else [],
         attn_to_spans=attn.stack_spans() if attn and span_names else None,
-        attention_maps=attn.maps(lengths) if attn and full_attention else None,
+        attention_maps=attn.maps(lengths_list) if attn and full_attention else None,
         extra_routing=rec.extra_routing(hf.config, k),
         expert_outputs=experts_out,
         shared_outputs=shared,
         weights_scale_input=arch.weights_scale_input,
         block_outputs=rec.stack("block") if expert_outputs else None,
     )
+
+
+#: the MoETrace field holding the scores a rule chooses by (when it adds no choice bias)
+_NEAR_TIE_SCORES = {"softmax": "router_probs", "sigmoid": "router_probs", "logits": "router_logits"}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -271,16 +280,14 @@ def _check_lengths(model: nn.Module, encoded: list[_Encoded], prompts: list[str]
             )
 
 
-def _pad(encoded: list[_Encoded], tokenizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(encoded: list[_Encoded], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] token ids (right padding) and [B, T] long mask (1 = token), on the CPU."""
     width = max(len(e.ids) for e in encoded)
     pad = tokenizer.pad_token_id
     pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for i, e in enumerate(encoded):
-        ids[i, : len(e.ids)] = torch.tensor(e.ids)
-        mask[i, : len(e.ids)] = 1
-    return ids.to(device), mask.to(device)
+    ids = torch.tensor([e.ids + [pad] * (width - len(e.ids)) for e in encoded], dtype=torch.long)
+    mask = (torch.arange(width) < torch.tensor([[len(e.ids)] for e in encoded])).long()
+    return ids, mask
 
 
 def _span_masks(encoded: list[_Encoded], names: tuple[str, ...], width: int) -> torch.Tensor:

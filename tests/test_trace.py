@@ -63,8 +63,19 @@ def test_routing_rule_reproduces_the_model(model_type, tokenizer):
         torch.testing.assert_close(
             t.topk_weights[li].gather(-1, order_t), weights.gather(-1, order_r), atol=1e-6, rtol=1e-6
         )
-    assert t.near_tie.shape == t.topk_indices.shape[:2]
     assert (t.selection_scores is not None) == (model_type == "deepseek_v3")
+    # near ties: the k-th and (k+1)-th of the scores the rule chooses by, recomputed from the logits
+    ms = arch.moe_layers(model)
+    choice = torch.stack([arch.rule.choice_scores(t.router_logits[i], m.router) for i, m in enumerate(ms)])
+    if choice.shape[-1] > t.top_k:
+        top = choice.topk(t.top_k + 1, dim=-1).values
+        gap = top[..., t.top_k - 1] - top[..., t.top_k]
+        assert torch.equal(t.near_tie, gap <= 1e-3)
+        tol = float(gap.median())  # about half the tokens flagged: a wrong score field would show
+        half = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer, near_tie_tol=tol).near_tie
+        assert torch.equal(half, gap <= tol) and 0 < int(half.sum()) < half.numel()
+    assert t.near_tie.shape == t.topk_indices.shape[:2] and t.near_tie.dtype == torch.bool
+    assert torch.equal(t[1].near_tie, t.near_tie[:, t.token_slice(1)])
 
 
 #: expert weights laid out as gate_up_proj [E, 2I, d] (gate then up), down_proj [E, d, I], no biases
@@ -366,6 +377,9 @@ def test_bad_prompts_and_spans(tokenizer):
         moe_interp.trace(model, "Paris", tokenizer="gpt2")
     with pytest.raises(InputError, match="full_attention must be True or False, got 'yes'"):
         moe_interp.trace(model, "Paris", tokenizer=tokenizer, full_attention="yes")
+    for tol in (-1e-3, "0.1", float("nan")):
+        with pytest.raises(InputError, match="near_tie_tol must be a number >= 0"):
+            moe_interp.trace(model, "Paris", tokenizer=tokenizer, near_tie_tol=tol)
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -406,6 +420,8 @@ def test_save_load_roundtrip(tmp_path, tokenizer):
     assert u.spans == t.spans and u.tokens == t.tokens and u.layers == t.layers
     assert torch.equal(u.router_logits, t.router_logits) and torch.equal(u.attn_to_spans, t.attn_to_spans)
     assert all(torch.equal(a, b) for a, b in zip(u.attention_maps, t.attention_maps, strict=True))
+    assert (u.near_tie_tol, u.near_tie_scores) == (t.near_tie_tol, t.near_tie_scores)
+    assert torch.equal(u.near_tie, t.near_tie)
     with pytest.raises(ValueError, match="not a saved MoETrace"):
         moe_interp.MoETrace.load(tmp_path)
     (tmp_path / "t" / "meta.json").write_text("{not json")
