@@ -113,33 +113,35 @@ def _run(backend: BackendName, model, hf: nn.Module, spec: ForwardSpec, remote: 
         if backend == "transformers":
             spec.recorder.install(patch)
             spec.recorder.install_extra(patch, spec.arch.extra_router_modules(hf))
-            _record_attention(patch, hf, spec)
+            attention = _record_attention(patch, hf, spec)
             kept = spec.keep(hf)
             out = hf(input_ids=spec.input_ids, attention_mask=spec.mask, use_cache=False, **kept)
-            _check_attention(hf, spec)
+            _check_attention(spec, attention)
             return spec.next_token_logits(out.logits, kept)
         if backend == "nnsight":
-            logits = _run_nnsight(model, hf, spec, patch, remote)
-            _check_attention(hf, spec)
-            return logits
+            return _run_nnsight(model, hf, spec, patch, remote)
         return _run_lens(model, hf, spec, patch)
 
 
-def _record_attention(patch: ModelPatch, hf: nn.Module, spec: ForwardSpec) -> None:
+def _record_attention(patch: ModelPatch, hf: nn.Module, spec: ForwardSpec) -> list[tuple[int, nn.Module]]:
+    """Install attention recording (if the spec asks for it); returns the attention modules it covers."""
     sink = spec.attention
-    if sink is not None:
-        device = spec.input_ids.device
-        fused = (
-            {"span_values": sink.span_masks.transpose(1, 2).to(device), "on_spans": sink.on_spans}
-            if sink.spans_only
-            else {}
-        )
-        AttentionRecorder(sink.on_probs, **fused).install(patch, spec.arch.attention_modules(hf))
+    if sink is None:
+        return []
+    device = spec.input_ids.device
+    fused = (
+        {"span_values": sink.span_masks.transpose(1, 2).to(device), "on_spans": sink.on_spans}
+        if sink.spans_only
+        else {}
+    )
+    modules = spec.arch.attention_modules(hf)
+    AttentionRecorder(sink.on_probs, **fused).install(patch, modules)
+    return modules
 
 
-def _check_attention(hf: nn.Module, spec: ForwardSpec) -> None:
+def _check_attention(spec: ForwardSpec, modules: list[tuple[int, nn.Module]]) -> None:
     if spec.attention is not None:
-        spec.attention.check([number for number, _ in spec.arch.attention_modules(hf)])
+        spec.attention.check([number for number, _ in modules])
 
 
 # ---------------------------------------------------------------------------------------------- nnsight
@@ -155,10 +157,11 @@ def _run_nnsight(model, hf: nn.Module, spec: ForwardSpec, patch: ModelPatch, rem
         raise InputError(
             "with remote=True only routing is recorded: pass attention=False and expert_outputs=False"
         )
+    attention = []
     if not remote:
         rec.install(patch, routing=False)  # expert outputs only; routing comes from nnsight below
         rec.install_extra(patch, arch.extra_router_modules(hf))
-        _record_attention(patch, hf, spec)
+        attention = _record_attention(patch, hf, spec)
     layers_envoy = _envoy(model, arch.layers)
     saved = []
     kept = spec.keep(hf)
@@ -176,6 +179,7 @@ def _run_nnsight(model, hf: nn.Module, spec: ForwardSpec, patch: ModelPatch, rem
         if inputs is not None:
             args, kwargs = inputs
             rec.put_experts_input(layer.number, layer.experts, args, kwargs, routing=True, outputs=False)
+    _check_attention(spec, attention)
     return spec.next_token_logits(logits, kept)
 
 

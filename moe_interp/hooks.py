@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 _MISSING = object()
@@ -45,15 +46,21 @@ class ModelPatch:
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
         """Set ``obj.name = value`` until exit (an attribute that did not exist is deleted again)."""
         old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name)
-        if isinstance(obj, nn.Module) and name in obj._modules:
-            old = obj._modules[name]
-        setattr(obj, name, value)
+        if isinstance(obj, nn.Module):  # submodules, parameters and buffers live outside __dict__
+            for registry in (obj._modules, obj._parameters, obj._buffers):
+                if name in registry:
+                    old = registry[name]
+        # a plain attribute of a module: what nn.Module.__setattr__ would end up doing, ~20x cheaper
+        plain = _plain_module_attr(obj, name, value) and (
+            old is _MISSING or _plain_module_attr(obj, name, old)
+        )
+        (object.__setattr__ if plain else setattr)(obj, name, value)
 
         def undo() -> None:
             if old is _MISSING:
-                delattr(obj, name)
+                (object.__delattr__ if plain else delattr)(obj, name)
             else:
-                setattr(obj, name, old)
+                (object.__setattr__ if plain else setattr)(obj, name, old)
 
         self._undo.append(undo)
 
@@ -86,3 +93,17 @@ class ModelPatch:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def _plain_module_attr(obj: Any, name: str, value: Any) -> bool:
+    """``obj`` is an nn.Module without its own ``__setattr__`` and ``name`` / ``value`` are no parameter,
+    buffer or submodule: setting it is a plain instance-dict write."""
+    return (
+        isinstance(obj, nn.Module)
+        and type(obj).__setattr__ is nn.Module.__setattr__
+        and type(obj).__delattr__ is nn.Module.__delattr__
+        and not isinstance(value, (torch.Tensor, nn.Module))
+        and name not in obj._parameters
+        and name not in obj._buffers
+        and name not in obj._modules
+    )

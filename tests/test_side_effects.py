@@ -133,3 +133,31 @@ def test_model_unchanged(name, outcome, tokenizer, tmp_path, monkeypatch):
             handle.remove()
         before = (before[0] - 1, *before[1:])
     _same(before, weights, model)
+
+
+def test_model_patch_restores_every_kind_of_attribute():
+    """Plain attributes (written to the instance dict directly), submodules and parameters (through
+    nn.Module.__setattr__) and attributes of plain objects all come back, or go again if they were new."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from moe_interp.hooks import ModelPatch
+
+    lin, holder = nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2))
+    lin.config = "original"
+    sub, weight, ns = holder[0], lin.weight, SimpleNamespace(a=1)
+    new_weight = nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(RuntimeError), ModelPatch() as patch:
+        patch.set_attr(lin, "config", "patched")
+        patch.set_attr(lin, "_tag", ("recorder", 3))
+        patch.set_attr(holder, "0", nn.Identity())
+        patch.set_attr(lin, "weight", new_weight)
+        patch.set_attr(ns, "a", 2)
+        assert lin.config == "patched" and lin._tag == ("recorder", 3) and ns.a == 2
+        assert isinstance(holder[0], nn.Identity) and lin._parameters["weight"] is new_weight
+        raise RuntimeError("boom")
+    assert lin.config == "original" and not hasattr(lin, "_tag") and ns.a == 1
+    assert holder[0] is sub and holder._modules["0"] is sub
+    assert lin.weight is weight and lin._parameters["weight"] is weight and "weight" not in lin.__dict__
+    assert set(lin.__dict__) == set(nn.Linear(2, 2).__dict__) | {"config"}
