@@ -50,6 +50,7 @@ NNSIGHT_SAME = "nnsight from prompts: the same routing quantities as trace"
 TRACE_EAGER = "trace: routing + attention to spans, eager-attention copy"
 NNSIGHT_SPANS = "nnsight: routers + eager attention maps -> span masses"
 NNSIGHT_SPANS_TEXT = "nnsight from prompts: locate spans, routers + eager attention maps -> span masses"
+NNSIGHT_SPANS_SAME = "nnsight from prompts: the same routing quantities and span masses as trace (eager)"
 LENS_SPANS = "TransformerLens: run_with_cache (MoE hooks + patterns) -> span masses"
 WORDS = "the model reads the context and the answer is in the passage about Paris France river city".split()
 
@@ -178,9 +179,10 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
             last = torch.unique(enc["attention_mask"].sum(1) - 1)
             return nnsight_routers(enc["input_ids"], enc["attention_mask"], logits_to_keep=last)
 
-        # module paths of each MoE layer's router and experts, for the like-for-like peer below
+        # module paths of each MoE layer's router and experts, for the like-for-like peers below
         names = {id(m): n for n, m in model.named_modules()}
-        paths = [(names[id(m.router)], names[id(m.experts)]) for m in arch.moe_layers(model)]
+        moe_paths = {m.number: (names[id(m.router)], names[id(m.experts)]) for m in arch.moe_layers(model)}
+        attn_paths = {number: names[id(m)] for number, m in arch.attention_modules(model)}
         at = arch.router_output.index("logits")
 
         def envoy(root, path: str):
@@ -188,24 +190,43 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
                 root = root[int(part)] if part.isdigit() else getattr(root, part)
             return root
 
-        def nnsight_same_quantities():
-            """What ``trace: routing`` returns, recorded with nnsight from the prompts: router logits,
-            probabilities over all experts, the top-k indices and weights the model applied (the experts'
-            inputs), padding dropped, token strings and last-token logits (not its near-tie flags)."""
-            enc = tok(prompts, padding=True, padding_side="right", return_tensors="pt")
+        def locate_spans(enc) -> torch.Tensor:
+            """[B, 2, T]: 1 on each prompt's context / answer tokens, placed from the offsets."""
+            offsets = enc["offset_mapping"]
+            marks = torch.zeros(len(prompts), 2, offsets.shape[1])
+            for b, (prompt, context, answer) in enumerate(zip(prompts, contexts, answers, strict=True)):
+                start = prompt.find(context)
+                found = prompt.find(answer, start)
+                for s, (lo, hi) in enumerate(((start, start + len(context)), (found, found + len(answer)))):
+                    inside = (offsets[b, :, 0] < hi) & (offsets[b, :, 1] > lo)
+                    marks[b, s] = (inside & enc["attention_mask"][b].bool()).float()
+            return marks
+
+        def nnsight_same_quantities(root=None, spans: bool = False):
+            """What ``trace`` returns, recorded with nnsight from the prompts: router logits, probabilities
+            over all experts, the top-k indices and weights the model applied (the experts' inputs), padding
+            dropped, token strings and last-token logits (not its near-tie flags); with ``spans``, also every
+            layer's attention mass per query token on the context and the answer (from an eager model's
+            attention probabilities), as ``trace``'s ``attn_to_spans`` [A, N, H, S]."""
+            root = wrapped if root is None else root
+            enc = tok(
+                prompts, padding=True, padding_side="right", return_tensors="pt", return_offsets_mapping=spans
+            )
             last = torch.unique(enc["attention_mask"].sum(1) - 1)
-            saved = []
-            with wrapped.trace(
+            saved, maps = [], []
+            with root.trace(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 use_cache=False,
                 logits_to_keep=last,
             ):
-                for router, experts in paths:
-                    saved.append(
-                        (envoy(wrapped, router).output.save(), envoy(wrapped, experts).inputs.save())
-                    )
-                logits_out = wrapped.output.logits.save()
+                for number in sorted(set(attn_paths) | set(moe_paths)):  # nnsight: in execution order
+                    if spans and number in attn_paths:
+                        maps.append(envoy(root, attn_paths[number]).output[1].save())
+                    if number in moe_paths:
+                        router, experts = moe_paths[number]
+                        saved.append((envoy(root, router).output.save(), envoy(root, experts).inputs.save()))
+                logits_out = root.output.logits.save()
             valid = enc["attention_mask"].flatten().bool()
             rows = []
             for out_r, (args, _) in saved:
@@ -221,7 +242,14 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
                 )
             ids_kept = enc["input_ids"].flatten()[valid].tolist()  # each token decoded on its own, as trace
             tokens = tok.backend_tokenizer.decode_batch([[i] for i in ids_kept], skip_special_tokens=False)
-            return [torch.stack(t) for t in zip(*rows, strict=True)], tokens, logits_out.float()
+            routing = [torch.stack(t) for t in zip(*rows, strict=True)]
+            if not spans:
+                return routing, tokens, logits_out.float()
+            marks = locate_spans(enc)
+            mass = [
+                torch.einsum("bhqk,bsk->bqhs", w.float(), marks).flatten(0, 1)[valid] for w in maps
+            ]  # [N, H, S] per layer
+            return routing, tokens, logits_out.float(), torch.stack(mass)
 
         if arch.applied == "experts_input":
             out[NNSIGHT_SAME] = nnsight_same_quantities
@@ -253,19 +281,13 @@ def _variants(model, tok, prompts, contexts, answers, folder: Path) -> dict[str,
             enc = tok(
                 prompts, padding=True, padding_side="right", return_tensors="pt", return_offsets_mapping=True
             )
-            offsets = enc["offset_mapping"]
-            marks = torch.zeros(len(prompts), 2, offsets.shape[1])
-            for b, (prompt, context, answer) in enumerate(zip(prompts, contexts, answers, strict=True)):
-                start = prompt.find(context)
-                found = prompt.find(answer, start)
-                for s, (lo, hi) in enumerate(((start, start + len(context)), (found, found + len(answer)))):
-                    inside = (offsets[b, :, 0] < hi) & (offsets[b, :, 1] > lo)
-                    marks[b, s] = (inside & enc["attention_mask"][b].bool()).float()
             last = torch.unique(enc["attention_mask"].sum(1) - 1)
-            return nnsight_spans(enc["input_ids"], enc["attention_mask"], last, marks)
+            return nnsight_spans(enc["input_ids"], enc["attention_mask"], last, locate_spans(enc))
 
         out[NNSIGHT_SPANS] = nnsight_spans
         out[NNSIGHT_SPANS_TEXT] = nnsight_spans_from_text
+        if arch.applied == "experts_input":
+            out[NNSIGHT_SPANS_SAME] = lambda: nnsight_same_quantities(wrapped_eager, spans=True)
     except ImportError:
         pass
     try:
@@ -344,9 +366,11 @@ COMPARISONS = (
     ("trace: routing", "TransformerLens: run_with_cache (MoE hooks)"),
     (TRACE_EAGER, NNSIGHT_SPANS),
     (TRACE_EAGER, NNSIGHT_SPANS_TEXT),
+    (TRACE_EAGER, NNSIGHT_SPANS_SAME),
     (TRACE_EAGER, LENS_SPANS),
     ("trace: routing + attention to spans", NNSIGHT_SPANS),
     ("trace: routing + attention to spans", NNSIGHT_SPANS_TEXT),
+    ("trace: routing + attention to spans", NNSIGHT_SPANS_SAME),
     ("trace: routing + attention to spans", LENS_SPANS),
 )
 

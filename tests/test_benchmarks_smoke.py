@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -66,3 +67,13 @@ def test_nnsight_peer_records_the_same_quantities_as_trace(tmp_path):
     assert torch.equal(indices.long(), t.topk_indices)
     torch.testing.assert_close(weights, t.topk_weights)
     assert tokens == t.tokens
+    # with span masses, on the eager copy: the same quantities as trace with attention to spans
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    routing, tokens, _, mass = variants[bench.NNSIGHT_SPANS_SAME]()
+    t = moe_interp.trace(eager, prompts, context=contexts, answer=answers, tokenizer=tok)
+    recorded = (t.router_logits, t.router_probs, t.topk_indices, t.topk_weights)
+    for mine, theirs in zip(recorded, routing, strict=True):
+        torch.testing.assert_close(theirs.to(mine.dtype), mine)
+    assert tokens == t.tokens and t.span_names == ("context", "answer")
+    torch.testing.assert_close(mass, t.attn_to_spans)
