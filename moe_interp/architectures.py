@@ -216,7 +216,11 @@ def get_path(root: nn.Module, path: str, model_type: str, *, missing_ok: bool = 
     """Resolve a dotted attribute path; numeric parts index into ModuleLists."""
     obj = root
     for part in path.split("."):
-        nxt = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
+        modules = getattr(obj, "_modules", None)  # submodules by name: nn.Module.__getattr__ costs more
+        if modules is not None and part in modules:
+            nxt = modules[part]
+        else:
+            nxt = obj[int(part)] if part.isdigit() else getattr(obj, part, None)
         if nxt is None:
             if missing_ok:
                 return None

@@ -124,7 +124,7 @@ def trace(
     )
     next_logits = backends.run(backend, model, hf, spec, remote=remote)
 
-    token_ids = torch.tensor([i for e in encoded for i in e.ids])
+    token_ids = input_ids.reshape(-1) if rec.no_padding else input_ids.reshape(-1)[rec.valid]  # [N]
     example = torch.tensor([b for b, n in enumerate(lengths_list) for _ in range(n)])
     positions = torch.tensor([p for n in lengths_list for p in range(n)])
     k = arch.top_k(hf.config)
@@ -139,10 +139,9 @@ def trace(
     else:
         experts_out = shared = None
     probs = arch.probabilities(logits)
-    if arch.rule.choice_bias is not None:  # chosen by biased scores: record them
-        choice = torch.stack(
-            [arch.rule.choice_scores(rec.data["logits"][m.number], m.router).cpu() for m in moe_layers]
-        )
+    if arch.rule.choice_bias is not None:  # chosen by biased scores [L, N, E]: record them
+        bias = torch.stack([getattr(m.router, arch.rule.choice_bias).float().cpu() for m in moe_layers])
+        choice = (logits if arch.rule.score == "logits" else probs) + bias[:, None, :]
     else:  # chosen by the probabilities, or (score "logits") by the logits themselves
         choice = None
     return MoETrace(
@@ -286,8 +285,9 @@ def _pad(encoded: list[_Encoded], tokenizer) -> tuple[torch.Tensor, torch.Tensor
     pad = tokenizer.pad_token_id
     pad = pad if pad is not None else (tokenizer.eos_token_id or 0)
     ids = torch.tensor([e.ids + [pad] * (width - len(e.ids)) for e in encoded], dtype=torch.long)
-    mask = (torch.arange(width) < torch.tensor([[len(e.ids)] for e in encoded])).long()
-    return ids, mask
+    if all(len(e.ids) == width for e in encoded):
+        return ids, torch.ones_like(ids)
+    return ids, (torch.arange(width) < torch.tensor([[len(e.ids)] for e in encoded])).long()
 
 
 def _span_masks(encoded: list[_Encoded], names: tuple[str, ...], width: int) -> torch.Tensor:
