@@ -408,6 +408,12 @@ def main(argv: list[str] | None = None) -> None:
         help="raise the repetitions of fast cells until the plain forward alone takes this long (capped)",
     )
     parser.add_argument("--max-reps", type=int, default=300, help="cap for --min-seconds")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="time only the variants whose name contains one of these |-separated strings (the two plain "
+        "forwards are always timed): more repetitions for the pairs that matter",
+    )
     parser.add_argument("--out", default="benchmarks/results/trace_overhead.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -415,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
         f"{args.threads}, torch {torch.__version__}, transformers {transformers.__version__}",
         "reps": args.reps,
+        "only": args.only,
         "rows": [],
     }
     for kind in args.models.split(","):
@@ -427,6 +434,13 @@ def main(argv: list[str] | None = None) -> None:
             prompts, contexts, answers = _prompts(tok, batch, length)
             with tempfile.TemporaryDirectory() as folder:
                 variants = _variants(model, tok, prompts, contexts, answers, Path(folder))
+                if args.only:
+                    wanted = args.only.split("|")
+                    variants = {
+                        name: fn
+                        for name, fn in variants.items()
+                        if name in ("plain forward", KEEP) or any(w in name for w in wanted)
+                    }
                 reps = _reps_for(variants, args.reps, args.min_seconds, args.max_reps)
                 times = measure(variants, reps)
             base, base_keep = times["plain forward"], times[KEEP]
