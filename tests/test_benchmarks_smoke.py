@@ -31,6 +31,20 @@ def test_trace_overhead_smoke(tmp_path):
     assert "| trace: routing |" in table and "olmoe 1x16" in table
     row = next(r for r in result["rows"] if r["variant"] == "trace: routing")
     assert f"{row['ratio']:.2f}x / {row['ratio_last_token_logits']:.2f}x" in table
+    # --only: the two plain forwards and the named variants
+    _load("trace_overhead").main(
+        ["--reps", "1", "--models", "olmoe", "--shapes", "1x16", "--threads", "1", "--out", str(out)]
+        + ["--only", "trace: routing + attention to spans|routers + eager"]
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["variant"] for r in rows} == {
+        "plain forward",
+        "plain forward, last-token logits (logits_to_keep)",
+        "trace: routing + attention to spans",
+        "trace: routing + attention to spans, eager-attention copy",
+        "nnsight: routers + eager attention maps -> span masses",
+        "nnsight from prompts: locate spans, routers + eager attention maps -> span masses",
+    }
 
 
 def test_routerlens_counting_smoke(tmp_path):
