@@ -436,11 +436,17 @@ def main(argv: list[str] | None = None) -> None:
                 variants = _variants(model, tok, prompts, contexts, answers, Path(folder))
                 if args.only:
                     wanted = args.only.split("|")
-                    variants = {
+                    kept = {
                         name: fn
                         for name, fn in variants.items()
                         if name in ("plain forward", KEEP) or any(w in name for w in wanted)
                     }
+                    if len(kept) == 2:
+                        raise SystemExit(
+                            f"--only {args.only!r} matches no variant; the variants are:\n  "
+                            + "\n  ".join(variants)
+                        )
+                    variants = kept
                 reps = _reps_for(variants, args.reps, args.min_seconds, args.max_reps)
                 times = measure(variants, reps)
             base, base_keep = times["plain forward"], times[KEEP]

@@ -44,23 +44,25 @@ class ModelPatch:
         return module
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        """Set ``obj.name = value`` until exit (an attribute that did not exist is deleted again)."""
+        """Set ``obj.name = value`` until exit; on exit the attribute is exactly as before (an attribute
+        that did not exist is deleted again; on a module, a submodule, parameter or buffer goes back to its
+        registry and a plain attribute to the instance dict, whatever kind ``value`` was)."""
+        if hasattr(_class_attr(type(obj), name), "__set__"):  # a property or other data descriptor
+            old = getattr(obj, name)
+            setattr(obj, name, value)
+            self._undo.append(lambda: setattr(obj, name, old))
+            return
+        if isinstance(obj, nn.Module) and type(obj).__setattr__ is nn.Module.__setattr__:
+            self._undo.append(_set_module_attr(obj, name, value))
+            return
         old = obj.__dict__.get(name, _MISSING) if hasattr(obj, "__dict__") else getattr(obj, name)
-        if isinstance(obj, nn.Module):  # submodules, parameters and buffers live outside __dict__
-            for registry in (obj._modules, obj._parameters, obj._buffers):
-                if name in registry:
-                    old = registry[name]
-        # a plain attribute of a module: what nn.Module.__setattr__ would end up doing, ~20x cheaper
-        plain = _plain_module_attr(obj, name, value) and (
-            old is _MISSING or _plain_module_attr(obj, name, old)
-        )
-        (object.__setattr__ if plain else setattr)(obj, name, value)
+        setattr(obj, name, value)
 
         def undo() -> None:
             if old is _MISSING:
-                (object.__delattr__ if plain else delattr)(obj, name)
+                delattr(obj, name)
             else:
-                (object.__setattr__ if plain else setattr)(obj, name, old)
+                setattr(obj, name, old)
 
         self._undo.append(undo)
 
@@ -85,8 +87,16 @@ class ModelPatch:
         self._undo.append(undo)
 
     def restore(self) -> None:
+        """Undo everything in reverse order; every step runs even if one fails (the first error is
+        raised after the rest)."""
+        error: BaseException | None = None
         while self._undo:
-            self._undo.pop()()
+            try:
+                self._undo.pop()()
+            except BaseException as exc:  # noqa: BLE001 - keep undoing; re-raised below
+                error = error or exc
+        if error is not None:
+            raise error
 
     def __enter__(self) -> ModelPatch:
         return self
@@ -95,15 +105,37 @@ class ModelPatch:
         self.restore()
 
 
-def _plain_module_attr(obj: Any, name: str, value: Any) -> bool:
-    """``obj`` is an nn.Module without its own ``__setattr__`` and ``name`` / ``value`` are no parameter,
-    buffer or submodule: setting it is a plain instance-dict write."""
-    return (
-        isinstance(obj, nn.Module)
-        and type(obj).__setattr__ is nn.Module.__setattr__
-        and type(obj).__delattr__ is nn.Module.__delattr__
-        and not isinstance(value, (torch.Tensor, nn.Module))
-        and name not in obj._parameters
-        and name not in obj._buffers
-        and name not in obj._modules
-    )
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+def _class_attr(cls: type, name: str) -> Any:
+    """``name`` as defined on ``cls`` or a base class (no descriptor invoked), or None."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
+def _set_module_attr(module: nn.Module, name: str, value: Any) -> Callable[[], None]:
+    """Set ``module.name = value``; returns the undo, which puts the old value back where it lived."""
+    home, old = "__dict__", module.__dict__.get(name, _MISSING)
+    for registry in _REGISTRIES:
+        if name in getattr(module, registry):
+            home, old = registry, getattr(module, registry)[name]
+    plain = home == "__dict__" and not isinstance(value, (torch.Tensor, nn.Module))
+    if plain:  # what nn.Module.__setattr__ would end up doing for a plain value, ~20x cheaper
+        module.__dict__[name] = value
+    else:
+        setattr(module, name, value)
+
+    def undo() -> None:
+        if plain:
+            module.__dict__.pop(name, None)
+        else:  # the value may have gone to any registry (or the dict): clear them all
+            for registry in _REGISTRIES:
+                getattr(module, registry).pop(name, None)
+            module.__dict__.pop(name, None)
+        if old is not _MISSING:
+            (module.__dict__ if home == "__dict__" else getattr(module, home))[name] = old
+
+    return undo

@@ -161,3 +161,41 @@ def test_model_patch_restores_every_kind_of_attribute():
     assert holder[0] is sub and holder._modules["0"] is sub
     assert lin.weight is weight and lin._parameters["weight"] is weight and "weight" not in lin.__dict__
     assert set(lin.__dict__) == set(nn.Linear(2, 2).__dict__) | {"config"}
+
+
+def test_model_patch_restores_attributes_whose_kind_changed():
+    """A plain attribute swapped for a parameter or submodule (and back), a property with a setter (a
+    config's ``_attn_implementation``), and every other undo still running when one of them fails."""
+    import transformers
+    from torch import nn
+
+    from moe_interp.hooks import ModelPatch
+
+    m = nn.Linear(2, 2)
+    m.scale, m.extra = 1.0, None
+    config = transformers.OlmoeConfig()
+    before = (config._attn_implementation, m.bias)
+    with ModelPatch() as patch:
+        patch.forward_hook(m, lambda *a: None)
+        patch.set_attr(m, "scale", nn.Parameter(torch.ones(1)))
+        patch.set_attr(m, "extra", nn.Identity())
+        patch.set_attr(m, "bias", None)
+        patch.set_attr(config, "_attn_implementation", "eager")
+        assert "scale" in m._parameters and "extra" in m._modules and m.bias is None
+        assert config._attn_implementation == "eager"
+    assert m.scale == 1.0 and m.extra is None and "scale" not in m._parameters and "extra" not in m._modules
+    assert config._attn_implementation == before[0] and not m._forward_hooks
+    assert m.bias is before[1] and m._parameters["bias"] is before[1]
+    assert set(m.state_dict()) == {"weight", "bias"}
+
+    class Fails:
+        def __init__(self):
+            self.x = 1
+
+    broken = Fails()
+    with pytest.raises(RuntimeError, match="undo failed"), ModelPatch() as patch:
+        patch.forward_hook(m, lambda *a: None)
+        patch.set_attr(broken, "x", 2)
+        patch._undo.append(lambda: (_ for _ in ()).throw(RuntimeError("undo failed")))
+        patch.set_attr(m, "scale", 3.0)
+    assert broken.x == 1 and m.scale == 1.0 and not m._forward_hooks  # the rest was still undone
