@@ -66,6 +66,24 @@ def _tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
 
+#: the random models: tiny OLMoE-shaped and DeepSeek-V3-shaped
+RANDOM_MODELS = ("olmoe", "deepseek_v3")
+
+#: fewer repetitions than this give no cheaper / dearer verdict (the bootstrap interval means nothing)
+MIN_REPS_FOR_VERDICT = 10
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """``"BxT"`` -> (B, T), both positive."""
+    try:
+        batch, length = (int(x) for x in text.split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not BATCHxTOKENS (e.g. 8x256)") from None
+    if batch < 1 or length < 2:
+        raise SystemExit(f"--shapes: {text!r} needs at least 1 prompt of at least 2 tokens")
+    return batch, length
+
+
 def _random_model(kind: str) -> torch.nn.Module:
     common = dict(
         vocab_size=1024,
@@ -76,6 +94,8 @@ def _random_model(kind: str) -> torch.nn.Module:
         max_position_embeddings=1024,
         num_experts_per_tok=8,
     )
+    if kind not in RANDOM_MODELS:
+        raise ValueError(f"unknown random model {kind!r}; choose from {RANDOM_MODELS}")
     if kind == "olmoe":
         config = transformers.OlmoeConfig(**common, intermediate_size=128, num_experts=64)
     else:  # DeepSeek-V3 shaped: sigmoid routing, grouped choice, shared expert, first layer dense
@@ -424,18 +444,25 @@ def main(argv: list[str] | None = None) -> None:
         "only": args.only,
         "rows": [],
     }
-    for kind in args.models.split(","):
+    kinds, shapes = args.models.split(","), [_shape(s) for s in args.shapes.split(",")]
+    unknown = sorted(set(kinds) - {"demo", *RANDOM_MODELS})
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from demo, {', '.join(RANDOM_MODELS)}")
+    wanted = [w for w in (args.only or "").split("|") if w.strip()]
+    if args.only is not None and not wanted:
+        parser.error(f"--only {args.only!r} names no variant")
+    for kind in kinds:
         if kind == "demo":
             model, tok = moe_interp.load_demo()
         else:
             model, tok = _random_model(kind), _tokenizer(1024)
-        for shape in args.shapes.split(","):
-            batch, length = map(int, shape.split("x"))
+        for shape in shapes:
+            batch, length = shape
+            shape = f"{batch}x{length}"
             prompts, contexts, answers = _prompts(tok, batch, length)
             with tempfile.TemporaryDirectory() as folder:
                 variants = _variants(model, tok, prompts, contexts, answers, Path(folder))
-                if args.only:
-                    wanted = args.only.split("|")
+                if wanted:
                     kept = {
                         name: fn
                         for name, fn in variants.items()
@@ -486,6 +513,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 median, low, high = paired_interval(times[mine], times[peer])
                 verdict = "cheaper" if high < 1 else ("dearer" if low > 1 else "equal within noise")
+                if reps < MIN_REPS_FOR_VERDICT:
+                    verdict = f"too few repetitions for a verdict (< {MIN_REPS_FOR_VERDICT})"
                 results.setdefault("comparisons", []).append(
                     dict(
                         model=kind,

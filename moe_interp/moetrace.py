@@ -7,8 +7,8 @@ token belongs to and where it sits in it.
 
 from __future__ import annotations
 
-import functools
 import json
+import numbers
 import operator
 import os
 from dataclasses import dataclass, field, fields
@@ -20,9 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from moe_interp.atomic import atomic_write
 from moe_interp.errors import InputError
-from moe_interp.routing import near_ties
+from moe_interp.routing import GroupLimit, near_ties
 
 Span = tuple[int, int]
+
+_SCORE_FIELDS = ("router_probs", "router_logits", "selection_scores")
 
 _TENSOR_FIELDS = (
     "token_ids",
@@ -54,8 +56,10 @@ class MoETrace:
       and the weights it actually applied to their outputs.
     - ``selection_scores`` [L, N, E] float32 or None: scores used for choosing where they differ from
       ``router_probs`` (DeepSeek-V3 adds a bias for choosing only).
-    - ``near_tie`` [L, N] bool: the k-th and (k+1)-th selection scores (the field named by
-      ``near_tie_scores``) are within ``near_tie_tol``; computed on first use.
+    - ``near_tie`` [L, N] bool: choices that could flip in low precision: the k-th and (k+1)-th selection
+      scores (the field named by ``near_tie_scores``) are within ``near_tie_tol``; under a group limit
+      (``near_tie_groups``: n_group, topk_group, group score; DeepSeek) among the eligible experts, or the
+      last chosen and the next group are. Computed when read (again after ``near_tie_tol`` changes).
     - ``next_token_logits`` [B, V] float32: logits at each prompt's last token.
     - ``attn_to_spans`` [A, N, H, S] float32 or None: attention mass each query token pays to each span.
     - ``attention_maps``: per prompt [A, H, T_i, T_i] float32, only with ``full_attention=True``.
@@ -87,6 +91,7 @@ class MoETrace:
     selection_scores: torch.Tensor | None = None
     near_tie_tol: float = 1e-3
     near_tie_scores: str = "router_probs"
+    near_tie_groups: tuple[int, int, str] | None = None
     attention_layers: list[int] = field(default_factory=list)
     attn_to_spans: torch.Tensor | None = None
     attention_maps: list[torch.Tensor] | None = None
@@ -113,13 +118,25 @@ class MoETrace:
             + ")"
         )
 
-    @functools.cached_property
+    def __post_init__(self) -> None:
+        if self.near_tie_scores not in _SCORE_FIELDS or getattr(self, self.near_tie_scores) is None:
+            raise InputError(
+                f"near_tie_scores must name a recorded score field ({', '.join(_SCORE_FIELDS)}), "
+                f"got {self.near_tie_scores!r}"
+            )
+        if self.near_tie_groups is not None:
+            self.near_tie_groups = tuple(self.near_tie_groups)
+
+    @property
     def near_tie(self) -> torch.Tensor:
-        """[L, N] bool: tokens whose k-th and (k+1)-th selection scores differ by at most ``near_tie_tol``
-        (in bf16 / fp16 such choices can flip)."""
-        if self.near_tie_scores not in ("router_probs", "router_logits", "selection_scores"):
-            raise InputError(f"near_tie_scores must name a score field, got {self.near_tie_scores!r}")
-        return near_ties(getattr(self, self.near_tie_scores), self.top_k, self.near_tie_tol)
+        """[L, N] bool: choices that could flip in bf16 / fp16 (see the class docstring)."""
+        key = (self.near_tie_tol, self.near_tie_scores, self.near_tie_groups)
+        cached = self.__dict__.get("_near_tie")
+        if cached is None or cached[0] != key:
+            groups = GroupLimit(*self.near_tie_groups) if self.near_tie_groups is not None else None
+            flags = near_ties(getattr(self, self.near_tie_scores), self.top_k, self.near_tie_tol, groups)
+            cached = self.__dict__["_near_tie"] = (key, flags)
+        return cached[1]
 
     # ------------------------------------------------------------------ indexing
     def __len__(self) -> int:
@@ -129,10 +146,12 @@ class MoETrace:
         """The trace of prompt ``i`` alone (negative indices count from the end; ``for t in trace`` works):
         every token-axis tensor sliced to its tokens, ``example`` all 0, ``next_token_logits`` [1, V]."""
         try:
+            if isinstance(i, bool):
+                raise TypeError
             i = operator.index(i)  # ints, numpy integers and 0-d integer tensors
         except TypeError:
             raise TypeError(f"a trace is indexed by prompt number (int), got {type(i).__name__}") from None
-        if isinstance(i, bool) or not -len(self) <= i < len(self):
+        if not -len(self) <= i < len(self):
             raise IndexError(f"prompt index {i} out of range for a trace of {len(self)} prompts")
         i %= len(self)
         sl = self.token_slice(i)
@@ -175,6 +194,8 @@ class MoETrace:
 
     def token_slice(self, i: int) -> slice:
         """The flat-token range of prompt ``i``."""
+        if not isinstance(i, bool) and isinstance(i, numbers.Integral):
+            i = int(i)
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.prompts):
             raise InputError(f"prompt index {i} out of range for a trace of {len(self.prompts)} prompts")
         idx = torch.nonzero(self.example == i).flatten()
@@ -318,9 +339,16 @@ class MoETrace:
             if key.startswith("extra_routing."):
                 _, name, part = key.split(".", 2)
                 extra.setdefault(name, {})[part] = value
-        return cls(
+        stored_flags = tensors.get("near_tie")  # saved by versions that computed them eagerly
+        if stored_flags is not None and "near_tie_scores" not in meta:
+            meta["near_tie_scores"] = "selection_scores" if "selection_scores" in tensors else "router_probs"
+        trace = cls(
             **meta,
             **{n: tensors.get(n) for n in _TENSOR_FIELDS},
             attention_maps=[tensors[k] for k in maps] or None,
             extra_routing=extra,
         )
+        if stored_flags is not None:  # keep the flags as saved (until near_tie_tol is changed)
+            key = (trace.near_tie_tol, trace.near_tie_scores, trace.near_tie_groups)
+            trace.__dict__["_near_tie"] = (key, stored_flags.bool())
+        return trace

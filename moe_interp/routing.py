@@ -90,8 +90,9 @@ class RoutingRule:
         choice = self.choice_scores(logits, router)
         if blocked is not None:
             choice = choice.masked_fill(blocked.to(choice.device), NEG_INF)
-        if self.group_score is not None and self._grouping_on(config):
-            choice = self._limit_groups(choice, config)
+        groups = self.group_limit(config)
+        if groups is not None:
+            choice = groups.apply(choice)[0]
         indices = torch.topk(choice, top_k, dim=-1).indices
         if self.weights == "score":
             weights = scores.gather(-1, indices)
@@ -119,17 +120,13 @@ class RoutingRule:
         key, value = self.group_when
         return config_value(config, key) == value
 
-    def _limit_groups(self, choice: torch.Tensor, config) -> torch.Tensor:
-        n_group, topk_group = int(config_value(config, "n_group")), int(config_value(config, "topk_group"))
-        grouped = choice.reshape(*choice.shape[:-1], n_group, -1)
-        finite = grouped.masked_fill(torch.isinf(grouped), torch.finfo(grouped.dtype).min)
-        if self.group_score == "max":
-            group_scores = finite.max(dim=-1).values
-        else:
-            group_scores = finite.topk(2, dim=-1).values.sum(dim=-1)
-        keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(-1, torch.topk(group_scores, topk_group, dim=-1).indices, True)
-        return grouped.masked_fill(~keep[..., None], NEG_INF).reshape(choice.shape)
+    def group_limit(self, config) -> GroupLimit | None:
+        """The group limit this rule applies under ``config``, or None (no group-limited choice)."""
+        if self.group_score is None or not self._grouping_on(config):
+            return None
+        return GroupLimit(
+            int(config_value(config, "n_group")), int(config_value(config, "topk_group")), self.group_score
+        )
 
     @staticmethod
     def _flag(config, value: bool | str) -> bool:
@@ -146,9 +143,45 @@ def config_value(config, path: str):
     return obj
 
 
-def near_ties(choice_scores: torch.Tensor, top_k: int, tol: float) -> torch.Tensor:
-    """[T] bool: the k-th and (k+1)-th choice scores differ by at most ``tol`` (bf16 can flip them)."""
-    if choice_scores.shape[-1] <= top_k:
-        return torch.zeros(choice_scores.shape[:-1], dtype=torch.bool)
-    top = torch.topk(choice_scores.float(), top_k + 1, dim=-1).values
-    return (top[..., top_k - 1] - top[..., top_k]).abs() <= tol
+@dataclass(frozen=True)
+class GroupLimit:
+    """Group-limited choice: experts in ``n_group`` equal groups, ranked by their best (``"max"``) or
+    best-two (``"top2_sum"``) score; only the top ``topk_group`` groups stay eligible."""
+
+    n_group: int
+    topk_group: int
+    score: Literal["max", "top2_sum"]
+
+    def apply(self, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``choice`` [..., E] with ineligible groups' experts at -inf, and the group scores [..., G]."""
+        grouped = choice.reshape(*choice.shape[:-1], self.n_group, -1)
+        finite = grouped.masked_fill(torch.isinf(grouped), torch.finfo(grouped.dtype).min)
+        if self.score == "max":
+            group_scores = finite.max(dim=-1).values
+        else:
+            group_scores = finite.topk(2, dim=-1).values.sum(dim=-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(-1, torch.topk(group_scores, self.topk_group, dim=-1).indices, True)
+        return grouped.masked_fill(~keep[..., None], NEG_INF).reshape(choice.shape), group_scores
+
+
+def near_ties(
+    choice_scores: torch.Tensor, top_k: int, tol: float, groups: GroupLimit | None = None
+) -> torch.Tensor:
+    """[...] bool: the choice could flip in low precision (bf16): the k-th and (k+1)-th choice scores
+    differ by at most ``tol``; under a group limit, among the eligible experts, or the ``topk_group``-th
+    and next group scores do.
+
+    ``choice_scores``: [..., E].
+    """
+    scores = choice_scores.float()
+    flags = torch.zeros(scores.shape[:-1], dtype=torch.bool)
+    if groups is not None:
+        scores, group_scores = groups.apply(scores)
+        if groups.n_group > groups.topk_group:
+            top = torch.topk(group_scores, groups.topk_group + 1, dim=-1).values
+            flags |= top[..., groups.topk_group - 1] - top[..., groups.topk_group] <= tol
+    if scores.shape[-1] > top_k:
+        top = torch.topk(scores, top_k + 1, dim=-1).values
+        flags |= top[..., top_k - 1] - top[..., top_k] <= tol  # -inf - -inf is nan: not flagged
+    return flags

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
+from math import inf
 
 import torch
 from torch import nn
@@ -85,8 +87,12 @@ def trace(
     ):
         if not isinstance(flag, bool):
             raise InputError(f"{name} must be True or False, got {flag!r}")
-    if isinstance(near_tie_tol, bool) or not isinstance(near_tie_tol, (int, float)) or not near_tie_tol >= 0:
-        raise InputError(f"near_tie_tol must be a number >= 0, got {near_tie_tol!r}")
+    if full_attention and not attention:
+        raise InputError("full_attention=True records attention maps: it needs attention=True")
+    real = isinstance(near_tie_tol, numbers.Real) and not isinstance(near_tie_tol, bool)
+    if not real or not 0 <= near_tie_tol < inf:
+        raise InputError(f"near_tie_tol must be a finite number >= 0, got {near_tie_tol!r}")
+    near_tie_tol = float(near_tie_tol)
     prompts = _as_list(prompt, "prompt")
     if not prompts:
         raise InputError("prompt is an empty list")
@@ -161,6 +167,7 @@ def trace(
         selection_scores=choice,
         near_tie_tol=near_tie_tol,
         near_tie_scores=_NEAR_TIE_SCORES[arch.rule.score] if choice is None else "selection_scores",
+        near_tie_groups=astuple(groups) if (groups := arch.rule.group_limit(hf.config)) else None,
         next_token_logits=next_logits.float().cpu(),
         spans=[e.spans for e in encoded],
         span_names=span_names,

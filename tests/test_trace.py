@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 import transformers
 from conftest import make_model
+from safetensors.torch import load_file, save_file
 
 import moe_interp
 from moe_interp.errors import InputError, UnsupportedModelError
+from moe_interp.routing import near_ties
 
 CONTEXT = "The Eiffel Tower is in Paris. Paris is in France."
 PROMPTS = [
@@ -64,16 +70,32 @@ def test_routing_rule_reproduces_the_model(model_type, tokenizer):
             t.topk_weights[li].gather(-1, order_t), weights.gather(-1, order_r), atol=1e-6, rtol=1e-6
         )
     assert (t.selection_scores is not None) == (model_type == "deepseek_v3")
-    # near ties: the k-th and (k+1)-th of the scores the rule chooses by, recomputed from the logits
+    # near ties: the k-th and (k+1)-th of the scores the rule chooses by (among the experts the group limit
+    # leaves eligible; the model's choices lie among them), recomputed from the logits
     ms = arch.moe_layers(model)
     choice = torch.stack([arch.rule.choice_scores(t.router_logits[i], m.router) for i, m in enumerate(ms)])
+    eligible, group_gap = choice, torch.full(choice.shape[:-1], float("inf"))
+    if t.near_tie_groups is not None:
+        n_group, topk_group, how = t.near_tie_groups
+        grouped = choice.unflatten(-1, (n_group, -1))  # [L, N, G, E / G]
+        group_scores = grouped.amax(-1) if how == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        ranked = group_scores.sort(-1, descending=True)
+        top_groups = ranked.indices[..., :topk_group]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, top_groups, True)
+        eligible = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
+        chosen_sets = eligible.topk(t.top_k, dim=-1).indices.sort(-1).values
+        assert torch.equal(chosen_sets, t.topk_indices.sort(-1).values)  # the model chose among them
+        group_gap = ranked.values[..., topk_group - 1] - ranked.values[..., topk_group]
     if choice.shape[-1] > t.top_k:
-        top = choice.topk(t.top_k + 1, dim=-1).values
-        gap = top[..., t.top_k - 1] - top[..., t.top_k]
+        top = eligible.topk(t.top_k + 1, dim=-1).values
+        gap = torch.minimum(top[..., t.top_k - 1] - top[..., t.top_k], group_gap)
         assert torch.equal(t.near_tie, gap <= 1e-3)
         tol = float(gap.median())  # about half the tokens flagged: a wrong score field would show
         half = moe_interp.trace(model, PROMPTS, tokenizer=tokenizer, near_tie_tol=tol).near_tie
         assert torch.equal(half, gap <= tol) and 0 < int(half.sum()) < half.numel()
+        t.near_tie_tol = tol  # a changed tolerance is applied when the flags are read again
+        assert torch.equal(t.near_tie, half)
+        t.near_tie_tol = 1e-3
     assert t.near_tie.shape == t.topk_indices.shape[:2] and t.near_tie.dtype == torch.bool
     assert torch.equal(t[1].near_tie, t.near_tie[:, t.token_slice(1)])
 
@@ -231,7 +253,6 @@ def test_indexing_a_trace_gives_each_prompt_alone(model_type, tokenizer):
         for name, parts in one.extra_routing.items():
             torch.testing.assert_close(sub.extra_routing[name]["router_logits"], parts["router_logits"])
         assert torch.equal(sub.selection_counts(), one.selection_counts())
-    import numpy as np
 
     assert batch[np.int64(1)].prompts == batch[torch.tensor(1)].prompts == [PROMPTS[1]]
     # counting's span names: "context_answer" only where a prompt has a context, "last" one token each
@@ -247,8 +268,10 @@ def test_indexing_a_trace_gives_each_prompt_alone(model_type, tokenizer):
     assert not mixed.span_mask("context_answer")[mixed.token_slice(1)].any()
     with pytest.raises(IndexError, match="out of range for a trace of 3 prompts"):
         batch[3]
-    with pytest.raises(TypeError, match="prompt number"):
-        batch["0"]
+    for wrong in ("0", True):
+        with pytest.raises(TypeError, match="prompt number"):
+            batch[wrong]
+    assert batch.token_slice(np.int64(1)) == batch.token_slice(1)
 
 
 def test_padding_never_counted(tokenizer):
@@ -377,9 +400,19 @@ def test_bad_prompts_and_spans(tokenizer):
         moe_interp.trace(model, "Paris", tokenizer="gpt2")
     with pytest.raises(InputError, match="full_attention must be True or False, got 'yes'"):
         moe_interp.trace(model, "Paris", tokenizer=tokenizer, full_attention="yes")
-    for tol in (-1e-3, "0.1", float("nan")):
-        with pytest.raises(InputError, match="near_tie_tol must be a number >= 0"):
+    with pytest.raises(InputError, match="full_attention=True records attention maps: it needs attention"):
+        moe_interp.trace(model, "Paris", tokenizer=tokenizer, attention=False, full_attention=True)
+    for tol in (-1e-3, "0.1", float("nan"), float("inf"), True, torch.tensor(0.1)):
+        with pytest.raises(InputError, match="near_tie_tol must be a finite number >= 0"):
             moe_interp.trace(model, "Paris", tokenizer=tokenizer, near_tie_tol=tol)
+    assert (
+        moe_interp.trace(model, "Paris", tokenizer=tokenizer, near_tie_tol=np.float32(0.5)).near_tie_tol
+        == 0.5
+    )
+    with pytest.raises(InputError, match="near_tie_scores must name a recorded score field"):
+        dataclasses.replace(
+            moe_interp.trace(model, "Paris", tokenizer=tokenizer), near_tie_scores="selection_scores"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- views
@@ -422,6 +455,18 @@ def test_save_load_roundtrip(tmp_path, tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(u.attention_maps, t.attention_maps, strict=True))
     assert (u.near_tie_tol, u.near_tie_scores) == (t.near_tie_tol, t.near_tie_scores)
     assert torch.equal(u.near_tie, t.near_tie)
+    # a trace saved when near-tie flags were stored as a tensor (no tolerance in meta.json) keeps them
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    del meta["near_tie_tol"], meta["near_tie_scores"], meta["near_tie_groups"]
+    tensors = load_file(str(tmp_path / "t" / "tensors.safetensors"))
+    stored = torch.ones_like(t.near_tie)  # flags a recomputation would not give
+    (tmp_path / "old").mkdir()
+    save_file({**tensors, "near_tie": stored}, str(tmp_path / "old" / "tensors.safetensors"))
+    (tmp_path / "old" / "meta.json").write_text(json.dumps(meta))
+    old = moe_interp.MoETrace.load(tmp_path / "old")
+    assert torch.equal(old.near_tie, stored) and old.near_tie_scores == "router_probs"
+    old.near_tie_tol = 0.5  # a new tolerance recomputes them
+    assert torch.equal(old.near_tie, near_ties(old.router_probs, old.top_k, 0.5))
     with pytest.raises(ValueError, match="not a saved MoETrace"):
         moe_interp.MoETrace.load(tmp_path)
     (tmp_path / "t" / "meta.json").write_text("{not json")
