@@ -60,7 +60,8 @@ class MoETrace:
       scores (the field named by ``near_tie_scores``) are within ``near_tie_tol``; under a group limit
       (``near_tie_groups``: n_group, topk_group, group score; DeepSeek) among the eligible experts, or the
       last chosen and the next group are. Computed when read (again after ``near_tie_tol`` changes).
-    - ``next_token_logits`` [B, V] float32: logits at each prompt's last token.
+    - ``next_token_logits`` [B, V] float32: logits at each prompt's last token (from a forward that computes
+      only those positions' logits; equal to a full forward's up to float rounding, ~1e-7).
     - ``attn_to_spans`` [A, N, H, S] float32 or None: attention mass each query token pays to each span.
     - ``attention_maps``: per prompt [A, H, T_i, T_i] float32, only with ``full_attention=True``.
     - ``expert_outputs`` [L, N, k, d], ``shared_outputs`` [L, N, d] (None without shared experts) and

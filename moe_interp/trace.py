@@ -44,7 +44,8 @@ def trace(
         model: a transformers MoE causal LM of a registered type (see ``supported_architectures()``), an
             nnsight model wrapping one, or a TransformerLens ``TransformerBridge``.
         prompt: one string or a list of strings (batched with right padding; padding is never recorded).
-        context: substring of the prompt (or one per prompt) marked as span ``"context"``.
+        context: substring of the prompt (or one per prompt) marked as span ``"context"`` (its first
+            occurrence).
         answer: substring marked as span ``"answer"`` at every whole-word occurrence inside the context
             (or inside the prompt when no context is given); at every occurrence if none is a whole word.
         tokenizer: a transformers tokenizer; defaults to ``model.tokenizer`` if the model carries one.
