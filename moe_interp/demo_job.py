@@ -75,8 +75,8 @@ def run(n_examples: int = 64, batch_size: int = 16, out_dir: str | Path = "figur
         title=f"Demo model ({first_traced.model_type}): expert selection share over prompt tokens "
         f"({len(records)} conflict-test prompts)",
     )
-    written = save_figure(fig, out / "demo_routing_heatmap")
-    written += save_figure(first_traced.plot_routing(example), out / "demo_token_routing")
+    written = save_figure(fig, out / "demo_routing_heatmap", shared_js=True)
+    written += save_figure(first_traced.plot_routing(example), out / "demo_token_routing", shared_js=True)
 
     share = counts["all"].float() / counts["all"].sum(1, keepdim=True)
     lines = [

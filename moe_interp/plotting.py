@@ -18,14 +18,19 @@ if TYPE_CHECKING:
 SPAN_COLOURS = ("#e45756", "#2ca02c", "#9467bd")
 
 
-def save_figure(fig: go.Figure, stem: str | Path, *, png: bool = True, scale: float = 2.0) -> list[Path]:
-    """Write ``stem.html`` (interactive, plotly.js embedded: works offline) and, when a static exporter is
-    available (kaleido with a Chrome/Chromium), ``stem.png``. Returns the paths written.
+def save_figure(
+    fig: go.Figure, stem: str | Path, *, png: bool = True, scale: float = 2.0, shared_js: bool = False
+) -> list[Path]:
+    """Write ``stem.html`` (interactive, works offline) and, when a static exporter is available (kaleido
+    with a Chrome/Chromium), ``stem.png``. Returns the paths written.
+
+    plotly.js (4.8 MB) is embedded in the HTML, or with ``shared_js`` written once as ``plotly.min.js``
+    beside it and referenced (for folders of figures; keep the two files together).
     """
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = [stem.with_suffix(".html")]
-    fig.write_html(written[0], include_plotlyjs=True)
+    fig.write_html(written[0], include_plotlyjs="directory" if shared_js else True)
     if png:
         try:
             fig.write_image(stem.with_suffix(".png"), scale=scale)

@@ -183,3 +183,21 @@ def test_window_layer_attention_matches_eager(demo) -> None:
             torch.testing.assert_close(t.attn_to_spans[li, t.token_slice(i)], mass, atol=1e-5, rtol=0)
         # layer 0 sees the last 8 tokens only: the final prompt token cannot reach the context
         assert t.attn_to_spans[0, t.token_slice(i).stop - 1, :, 0].abs().max() == 0
+
+
+def test_demo_job_writes_figures_and_counts_every_prompt_token(tmp_path, demo):
+    """The main job (``make demo``) at a small size: two batches (the second padded), figures sharing one
+    plotly.js, and a summary whose token count is the prompts' own token count (padding excluded)."""
+    from moe_interp import demo_job
+
+    _, tok, _ = demo
+    summary = demo_job.run(n_examples=6, batch_size=4, out_dir=tmp_path)
+    records = load_split("conflict_test")[:6]
+    tokens = sum(len(tok(build_prompt(r["context"], r["question"]))["input_ids"]) for r in records)
+    assert f"prompt tokens traced (padding excluded): {tokens}\n" in summary
+    assert (tmp_path / "demo_summary.txt").read_text() == summary
+    for name in ("demo_routing_heatmap.html", "demo_token_routing.html"):
+        html = (tmp_path / name).read_text()
+        assert 'src="plotly.min.js"' in html and len(html) < 1_000_000  # plotly.js once, beside them
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+    assert "Pc, first token" in summary and "layer 3:" in summary
