@@ -456,8 +456,7 @@ def main(argv: list[str] | None = None) -> None:
             model, tok = moe_interp.load_demo()
         else:
             model, tok = _random_model(kind), _tokenizer(1024)
-        for shape in shapes:
-            batch, length = shape
+        for batch, length in shapes:
             shape = f"{batch}x{length}"
             prompts, contexts, answers = _prompts(tok, batch, length)
             with tempfile.TemporaryDirectory() as folder:

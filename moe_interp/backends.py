@@ -55,12 +55,11 @@ class ForwardSpec:
     mask: torch.Tensor  # [B, T] long, 1 = token
     recorder: Recorder
     attention: AttentionSink | None
-    lengths: list[int] | None = None  # tokens per row; read from ``mask`` when not given
+    lengths: list[int]  # tokens per row (the mask's row sums, kept on the host)
 
     def last_positions(self) -> list[int]:
         """Position of each row's last token (right padding), B ints."""
-        lengths = self.lengths if self.lengths is not None else self.mask.sum(1).tolist()
-        return [max(n - 1, 0) for n in lengths]
+        return [max(n - 1, 0) for n in self.lengths]
 
     def keep(self, hf: nn.Module) -> dict:
         """``logits_to_keep`` for the forward: only the distinct last positions (the LM head is a large share

@@ -125,15 +125,13 @@ def trace(
     if attention and (span_names or full_attention):
         span_masks = _span_masks(encoded, span_names, input_ids.shape[1])
         attn = AttentionSink(span_masks, mask.bool(), full_attention)
-    lengths_list = [len(e.ids) for e in encoded]
-    spec = backends.ForwardSpec(
-        arch, moe_layers, input_ids.to(device), mask.to(device), rec, attn, lengths=lengths_list
-    )
+    lengths = [len(e.ids) for e in encoded]
+    spec = backends.ForwardSpec(arch, moe_layers, input_ids.to(device), mask.to(device), rec, attn, lengths)
     next_logits = backends.run(backend, model, hf, spec, remote=remote)
 
     token_ids = input_ids.reshape(-1) if rec.no_padding else input_ids.reshape(-1)[rec.valid]  # [N]
-    example = torch.tensor([b for b, n in enumerate(lengths_list) for _ in range(n)])
-    positions = torch.tensor([p for n in lengths_list for p in range(n)])
+    example = torch.tensor([b for b, n in enumerate(lengths) for _ in range(n)])
+    positions = torch.tensor([p for n in lengths for p in range(n)])
     k = arch.top_k(hf.config)
     logits = rec.stack("logits")
     weights, indices = rec.applied_routing(hf.config, k)
@@ -174,7 +172,7 @@ def trace(
         span_names=span_names,
         attention_layers=attn.layers if attn else [],
         attn_to_spans=attn.stack_spans() if attn and span_names else None,
-        attention_maps=attn.maps(lengths_list) if attn and full_attention else None,
+        attention_maps=attn.maps(lengths) if attn and full_attention else None,
         extra_routing=rec.extra_routing(hf.config, k),
         expert_outputs=experts_out,
         shared_outputs=shared,
